@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 
 from . import proc
-from .cache import cache_root, content_key, file_digest
+from .cache import cache_root, content_key, file_digest, locked
 from .errors import SetupError
 from .kernel import Kernel
 
@@ -57,6 +57,11 @@ class L1Image:
 def build_tools(timeout: float = 300) -> GuestTools:
     """Compile guests/ with its Makefile into a cache dir named by the sources' digest."""
     key = content_key([GUESTS])
+    with locked(f"tools-{key}"):
+        return _build_tools(key, timeout)
+
+
+def _build_tools(key: str, timeout: float) -> GuestTools:
     out = cache_root() / f"tools-{key}"
     if (out / ".complete").exists():
         return GuestTools(out, key)
@@ -138,6 +143,11 @@ def render_init(modules: list[str]) -> str:
 
 def build_l1(kernel: Kernel, tools: GuestTools, timeout: float = 120) -> L1Image:
     """Assemble (or reuse) the L1 initramfs: busybox, modules, dropbear, tools, init."""
+    with locked("initramfs"):
+        return _build_l1(kernel, tools, timeout)
+
+
+def _build_l1(kernel: Kernel, tools: GuestTools, timeout: float) -> L1Image:
     for tool in (BUSYBOX, DROPBEAR):
         if not Path(tool).exists():
             raise SetupError(f"{tool} is missing (apt-get install busybox-static dropbear-bin)")

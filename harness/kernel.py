@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import proc
-from .cache import cache_root
+from .cache import cache_root, locked
 from .errors import SetupError, UsageError
 
 DEBIAN_KERNEL_META = "linux-image-cloud-amd64"
@@ -63,6 +63,11 @@ def _explicit(image: Path, modules: str | None, origin: str) -> Kernel:
 
 def debian_kernel(timeout: float = 600) -> Kernel:
     """Download Debian's cloud kernel .deb into the cache (no install) and unpack it once."""
+    with locked("kernel"):
+        return _debian_kernel(timeout)
+
+
+def _debian_kernel(timeout: float) -> Kernel:
     root = cache_root() / "kernels"
     root.mkdir(parents=True, exist_ok=True)
     for done in sorted(root.glob("*/.complete")):

@@ -111,7 +111,9 @@ def read_kvm(path: str = KVM_PATH) -> KvmDevice:
                 for name, nums in CAP_NUMBERS.items()}
         create_error = _try_create_vm(fd)
         hv_cpuid = _supported_hv_cpuid(fd) if caps["sys_hyperv_cpuid"] else None
-        reason = "ok" if create_error is None else f"unavailable: KVM_CREATE_VM: {create_error}"
+        reason = "ok"
+        if create_error is not None:
+            reason = f"unavailable: KVM_CREATE_VM fails: {create_error}"
         return KvmDevice(True, reason, api, caps, create_error is None, hv_cpuid)
     finally:
         os.close(fd)

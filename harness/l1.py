@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +77,7 @@ class L1Shell:
             out = stdout.read().decode(errors="replace")
             err = stderr.read().decode(errors="replace")
             rc = stdout.channel.recv_exit_status()
-        except (TimeoutError, socket.timeout, paramiko.SSHException, EOFError, OSError) as e:
+        except (TimeoutError, paramiko.SSHException, EOFError, OSError) as e:
             raise StepTimeout(f"L1 command timed out or dropped after {timeout:g}s: "
                               f"{command[:60]!r} ({type(e).__name__})") from e
         return CommandResult(rc, out, err)

@@ -169,7 +169,7 @@ class Machine:
             except (QMPError, OSError, TimeoutError, EOFError):
                 ev = None
                 if not self.alive():
-                    raise StepTimeout(f"{self.config.name} QEMU exited: {self.error_line()}")
+                    raise StepTimeout(f"{self.config.name} QEMU exited: {self.error_line()}") from None
             if ev is None:
                 continue
             self._log("event", ev)
@@ -256,7 +256,7 @@ class Machine:
                     pass
             try:
                 self._qmp.close()
-            except (QMPError, OSError, RuntimeError):
+            except Exception:  # noqa: BLE001 - EOF from a QEMU that already quit is expected
                 pass
             self._qmp = None
         rc = proc.reap(self._proc, grace=timeout) if self._proc is not None else None

@@ -1,0 +1,39 @@
+# The two commands of the contract: `make run` and `make test` (see README.md).
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup host venv run test lint bench clean
+
+setup: host venv
+
+host:
+	@ci/setup-host.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Set up, build the default guests, run the smoke suite, print the table, write results/.
+run: setup
+	$(VENV)/bin/nestvirt doctor
+	$(VENV)/bin/nestvirt run
+
+# Set up, then the whole test suite (real QEMU under TCG here).
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) -q -rs tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) ci/bench_migrate.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

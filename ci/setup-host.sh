@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install the Debian/Ubuntu packages nestvirt needs, only those missing. Idempotent.
+set -euo pipefail
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-system-x86_64 || need+=(qemu-system-x86)
+# The initramfs needs the static busybox (the dynamic one would need its libraries copied).
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+have cpio || need+=(cpio)
+have gcc || need+=(gcc)
+have make || need+=(make)
+[ -x /usr/sbin/dropbear ] || need+=(dropbear-bin)
+have zstd || need+=(zstd)
+have dpkg-deb || need+=(dpkg)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -eq 0 ]; then
+  echo "host packages: all present"
+  exit 0
+fi
+echo "host packages: installing ${need[*]}"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -1,0 +1,74 @@
+"""results.json (the one schema) and its views: console table, JUnit XML."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from .scenario import ScenarioResult
+
+SCHEMA_VERSION = 1
+
+
+def write_results(out: Path, host: dict, results: list[ScenarioResult],
+                  run_info: dict[str, Any]) -> Path:
+    """Write OUT/results.json atomically (a Ctrl-C mid-run still leaves the scenarios done)."""
+    doc = {"schema": SCHEMA_VERSION, "run": run_info, "host": host,
+           "scenarios": [r.to_json() for r in results]}
+    path = out / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+def exit_status(results: list[ScenarioResult]) -> int:
+    """0 when nothing failed or errored, else 1."""
+    return 1 if any(r.verdict in ("fail", "error") for r in results) else 0
+
+
+def console_table(results: list[ScenarioResult]) -> str:
+    rows = [("SCENARIO", "VERDICT", "MIGRATE", "DOWNTIME", "TOTAL", "DETAIL")]
+    for r in results:
+        mig = r.metrics.get("migration", {})
+        secs = r.metrics.get("migration_seconds")
+        rows.append((
+            r.id, r.verdict.upper(),
+            f"{secs:.2f}s" if isinstance(secs, (int, float)) else "-",
+            f"{mig['downtime_ms']}ms" if "downtime_ms" in mig else "-",
+            f"{r.durations.get('total', 0):.1f}s",
+            (r.reason or f"{sum(c.ok for c in r.checks)}/{len(r.checks)} checks ok")[:70],
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)) + "  " + row[-1]
+             for row in rows]
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.verdict] = counts.get(r.verdict, 0) + 1
+    lines.append(", ".join(f"{n} {v}" for v, n in sorted(counts.items())) or "no scenarios")
+    return "\n".join(lines)
+
+
+def junit_xml(results: list[ScenarioResult], suite: str = "nestvirt") -> str:
+    fails = sum(r.verdict == "fail" for r in results)
+    errs = sum(r.verdict == "error" for r in results)
+    skips = sum(r.verdict == "skip" for r in results)
+    out = [f'<testsuite name={quoteattr(suite)} tests="{len(results)}" failures="{fails}" '
+           f'errors="{errs}" skipped="{skips}" timestamp={quoteattr(time.strftime("%FT%T"))}>']
+    for r in results:
+        t = r.durations.get("total", 0)
+        out.append(f'  <testcase classname="nestvirt.{r.scenario}" name={quoteattr(r.id)} '
+                   f'time="{t}">')
+        if r.verdict == "fail":
+            out.append(f"    <failure message={quoteattr(r.reason[:300])}>"
+                       f"{escape(json.dumps([c.to_json() for c in r.checks], indent=1))}</failure>")
+        elif r.verdict == "error":
+            out.append(f"    <error message={quoteattr(r.reason[:300])}/>")
+        elif r.verdict == "skip":
+            out.append(f"    <skipped message={quoteattr(r.reason[:300])}/>")
+        out.append("  </testcase>")
+    out.append("</testsuite>")
+    return "\n".join(out) + "\n"

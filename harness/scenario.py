@@ -1,0 +1,410 @@
+"""Scenarios as data (ScenarioSpec + MigrationMode = Variant) and the engine that runs one.
+
+The engine is the only place that sequences machines, guest programs, migration and checks;
+runners (CLI, pytest, avocado) call run_variant() and read the ScenarioResult.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from . import checks as ck
+from .errors import NestvirtError, StepTimeout
+from .guests import L1Image
+from .l1 import L1Shell, RunKey
+from .machine import Machine, MachineConfig, QmpCommandError
+from .migration import MigrationMode, MigrationOutcome, migrate, summarize_stats
+from .ports import free_port
+
+STATES = ("plain", "bare", "nested")
+INJECTIONS = ("corrupt-l1", "corrupt-l2", "stop-l2", "kill-dst", "kernel-warning", "ssh-down",
+              "run-dst-before-compare")
+TOOLS = "/usr/lib/nestvirt"
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    """One scenario as data: what L1 and L2 do, how it migrates, which checks judge it."""
+
+    name: str
+    description: str
+    state: str = "plain"  # plain: KVM loaded, no VM; bare: VM held, no vCPU run; nested: L2 runs
+    l1_workload: bool = True
+    paused: bool = False  # migrate a stopped L1 and compare RAM and registers
+    checks: tuple[str, ...] = ()
+    mem_mib: int = 512
+    smp: int = 1
+    l1_mib: int = 64
+    l1_threads: int = 2
+    l1_rate_mib_s: int = 32
+    l2_pages: int = 128
+    inject: str | None = None  # a deliberate fault: proves the checks can fail
+
+    def __post_init__(self) -> None:
+        assert self.state in STATES, self.state
+        assert self.inject is None or self.inject in INJECTIONS, self.inject
+
+
+@dataclass(frozen=True)
+class Variant:
+    spec: ScenarioSpec
+    mode: MigrationMode
+
+    @property
+    def id(self) -> str:
+        vid = f"{self.spec.name}/{self.mode.compression}"
+        return vid + (f"+inject-{self.spec.inject}" if self.spec.inject else "")
+
+    def params(self) -> dict[str, Any]:
+        return {"spec": asdict(self.spec), "migration": self.mode.to_json()}
+
+
+@dataclass
+class ScenarioResult:
+    id: str
+    scenario: str
+    verdict: str = ""  # pass | fail | skip | error; "" until judged
+    reason: str = ""
+    params: dict = field(default_factory=dict)
+    durations: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checks: list[ck.Check] = field(default_factory=list)
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["checks"] = [c.to_json() for c in self.checks]
+        return d
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every scenario of a run shares: host facts, built L1, where results go."""
+
+    qemu: str
+    accel: str
+    l1_cpu: str
+    image: L1Image
+    out: Path
+    schema: Any  # probe.QemuFacts: migration schema of the binary
+    boot_timeout: float = 60.0
+    migrate_timeout: float = 120.0
+
+
+class _Timer:
+    def __init__(self, result: ScenarioResult) -> None:
+        self.result = result
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.result.durations[name] = round(time.monotonic() - t0, 3)
+
+
+def run_variant(variant: Variant, ctx: RunContext) -> ScenarioResult:
+    """Run one variant end to end; never raises for scenario failures, always reaps QEMU."""
+    spec, mode = variant.spec, variant.mode
+    res = ScenarioResult(id=variant.id, scenario=spec.name, params=variant.params())
+    workdir = ctx.out / re.sub(r"[^\w.+-]+", "_", variant.id)
+    workdir.mkdir(parents=True, exist_ok=True)
+    res.artifacts["dir"] = str(workdir)
+    skip = mode.unsupported_reason(ctx.schema)
+    if skip:
+        res.verdict, res.reason = "skip", skip
+        return _finish(res, workdir)
+    run = _ScenarioRun(variant, ctx, workdir, res)
+    t0 = time.monotonic()
+    try:
+        run.execute()
+    except NestvirtError as e:
+        res.verdict, res.reason = "error", str(e)
+    except Exception as e:  # noqa: BLE001 - an engine bug must still leave a result behind
+        res.verdict, res.reason = "error", f"internal error: {type(e).__name__}: {e}"
+        (workdir / "traceback.txt").write_text(traceback.format_exc())
+    finally:
+        run.teardown()
+        res.durations["total"] = round(time.monotonic() - t0, 3)
+    return _finish(res, workdir)
+
+
+def _finish(res: ScenarioResult, workdir: Path) -> ScenarioResult:
+    """Judge: a failed check is a fail even if a later step errored; no checks is no pass."""
+    failed = [c for c in res.checks if not c.ok]
+    if failed:
+        why = "; ".join(f"{c.name}: {c.detail}" for c in failed)
+        if res.verdict == "error":
+            why += f"; then: {res.reason}"
+        res.verdict, res.reason = "fail", why[:1000]
+    elif res.verdict == "":
+        res.verdict = "pass" if res.checks else "error"
+        res.reason = "" if res.checks else "no check ran"
+    res.artifacts["files"] = sorted(p.name for p in workdir.iterdir() if p.is_file())
+    (workdir / "scenario.json").write_text(json.dumps(res.to_json(), indent=2, default=str))
+    return res
+
+
+class _ScenarioRun:
+    """The steps of one variant; state lives here for the length of one run only."""
+
+    def __init__(self, variant: Variant, ctx: RunContext, workdir: Path,
+                 res: ScenarioResult) -> None:
+        self.spec, self.mode, self.ctx = variant.spec, variant.mode, ctx
+        self.workdir, self.res = workdir, res
+        self.timer = _Timer(res)
+        self.key = RunKey.generate()
+        self.key.save(workdir / "id_ecdsa")
+        self.src: Machine | None = None
+        self.dst: Machine | None = None
+        self.shells: list[L1Shell] = []
+
+    # -- machines -------------------------------------------------------------------------
+    def _machine(self, name: str, incoming: bool) -> Machine:
+        c = self.ctx
+        cfg = MachineConfig(
+            name=name, qemu=c.qemu, accel=c.accel, cpu=c.l1_cpu, kernel=c.image.kernel.image,
+            initrd=c.image.initramfs, mem_mib=self.spec.mem_mib, smp=self.spec.smp,
+            incoming=incoming,
+            append=f"console=ttyS0 panic=-1 loglevel=6 {self.key.cmdline_arg}")
+        # A port taken between asking and QEMU's bind makes QEMU exit: retry with a new one.
+        for attempt in range(3):
+            m = Machine(cfg, self.workdir, free_port())
+            try:
+                m.launch(timeout=20)
+                return m
+            except StepTimeout as e:
+                m.shutdown()
+                if "hostfwd" not in str(e) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _shell(self, m: Machine, timeout: float = 30.0) -> L1Shell:
+        sh = L1Shell(m.ssh_port, self.key)
+        self.shells.append(sh)
+        sh.connect(timeout)
+        return sh
+
+    # -- steps ----------------------------------------------------------------------------
+    def execute(self) -> None:
+        spec = self.spec
+        with self.timer.phase("boot_src"):
+            self.src = self._machine("src", incoming=False)
+            ready = self.src.wait_guest_event("ready", self.ctx.boot_timeout)
+            self.res.metrics["l1_ready"] = ready
+            if spec.state != "plain" and ready.get("kvm") != "yes":
+                raise StepTimeout(f"L1 has no /dev/kvm (module {ready.get('module')}): "
+                                  "cannot run an L2")
+            sh = self._shell(self.src)
+        with self.timer.phase("start_workloads"):
+            self._start_guest_programs(sh)
+            l2_before = self._l2_pass(sh) if spec.state == "nested" else None
+            dmesg_before = sh.run("dmesg", 15).out
+            if spec.inject == "ssh-down":
+                sh.run("kill $(cat /run/dropbear.pid)", 10)
+        if spec.paused:
+            self.src.qmp("stop")
+        with self.timer.phase("start_dst"):
+            self.dst = self._machine("dst", incoming=True)
+        with self.timer.phase("migrate"):
+            uri = self._uri()
+            outcome = migrate(self.src, self.dst, self.mode, uri, self.ctx.migrate_timeout)
+        self._record_migration(outcome)
+        self.res.checks.append(ck.migration_completed(outcome.status, outcome.error, spec.state))
+        with self.timer.phase("verify"):
+            self._inject_after_migration()
+            expected = "paused" if spec.paused else "running"
+            self.res.checks.append(ck.dst_qemu_alive(
+                self.dst.alive(), outcome.dst_status if self.dst.alive() else None, expected,
+                self.dst.error_lines()))
+            if spec.paused:
+                self._check_identity()
+            else:
+                self._check_guest(l2_before, dmesg_before)
+
+    def _start_guest_programs(self, sh: L1Shell) -> None:
+        s = self.spec
+        cmds = []
+        if s.l1_workload:
+            cmds.append(f"l1work run --mib {s.l1_mib} --threads {s.l1_threads} "
+                        f"--rate-mib-s {s.l1_rate_mib_s} --status /run/l1work.status "
+                        "--result /run/l1work.verify --pidfile /run/l1work.pid")
+        if s.state == "nested":
+            cmds.append(f"nvmm run --payload {TOOLS}/payloads/pagecount.bin --pages {s.l2_pages} "
+                        "--status /run/l2.status --log /run/l2-serial.log "
+                        "--result /run/l2.verify --pidfile /run/l2.pid")
+        elif s.state == "bare":
+            cmds.append("nvmm hold --pidfile /run/l2.pid --status /run/l2.status")
+        for c in cmds:
+            prog = c.split()[0]
+            sh.run(f"setsid {c} >/run/{prog}.log 2>&1 </dev/null &", 10)
+        # Wait until each program shows it is working, so migration catches it mid-flight.
+        deadline = time.monotonic() + 30
+        while True:
+            st = self._status(sh)
+            ok = (not s.l1_workload or st.get("l1work", {}).get("sweeps", 0) >= 1) and (
+                s.state == "plain"
+                or (s.state == "bare" and st.get("l2", {}).get("state") == "holding")
+                or (s.state == "nested" and st.get("l2", {}).get("pass", 0) >= 2))
+            if ok:
+                self.res.metrics["guest_status_before"] = st
+                return
+            if time.monotonic() > deadline:
+                logs = sh.run("tail -n 3 /run/l1work.log /run/nvmm.log 2>/dev/null", 10).out
+                raise StepTimeout(f"guest programs did not start in 30s: {st} {logs.strip()}")
+            time.sleep(0.2)
+
+    def _status(self, sh: L1Shell) -> dict[str, dict]:
+        r = sh.run("cat /run/l1work.status 2>/dev/null; echo; echo ---; "
+                   "cat /run/l2.status 2>/dev/null", 10)
+        parts = r.out.split("---")
+        return {"l1work": _json_or_empty(parts[0]), "l2": _json_or_empty(parts[-1])}
+
+    def _l2_pass(self, sh: L1Shell) -> int | None:
+        return self._status(sh).get("l2", {}).get("pass")
+
+    def _uri(self) -> str:
+        if self.mode.transport == "unix":
+            return f"unix:{self.workdir / 'migration.sock'}"
+        return f"tcp:127.0.0.1:{free_port()}"
+
+    def _record_migration(self, o: MigrationOutcome) -> None:
+        self.res.metrics["migration"] = summarize_stats(o.stats)
+        self.res.metrics["migration_seconds"] = o.seconds
+        self.res.metrics["migration_status"] = o.status
+        self.res.params["migration_settings"] = o.settings
+        (self.workdir / "query-migrate.json").write_text(json.dumps(o.stats, indent=2))
+        if o.dst_error:
+            self.res.metrics["dst_error"] = o.dst_error
+
+    def _inject_after_migration(self) -> None:
+        inj, dst = self.spec.inject, self.dst
+        assert dst is not None
+        if inj == "kill-dst":
+            dst.kill()
+        elif inj == "run-dst-before-compare":
+            dst.qmp("cont")
+            time.sleep(0.5)
+            dst.qmp("stop")
+
+    # -- checks on a running destination ------------------------------------------------------
+    def _check_guest(self, l2_before: int | None, dmesg_before: str) -> None:
+        assert self.dst is not None
+        spec, add = self.spec, self.res.checks.append
+        try:
+            sh = self._shell(self.dst, timeout=20)
+            add(ck.l1_ssh_on_dst(True, f"SSH answered on port {self.dst.ssh_port}"))
+        except StepTimeout as e:
+            add(ck.l1_ssh_on_dst(False, str(e)))
+            add(ck.kernel_log_clean(self._console_new_lines()))
+            return
+        inj = spec.inject
+        if inj == "corrupt-l1":
+            sh.run("l1work corrupt --pidfile /run/l1work.pid", 10)
+        if inj == "corrupt-l2":
+            sh.run("nvmm corrupt --pidfile /run/l2.pid", 10)
+        if inj == "stop-l2":
+            sh.run("kill -STOP $(cat /run/l2.pid)", 10)
+        if inj == "kernel-warning":
+            sh.run("echo 'WARNING: CPU: 0 PID: 1 at arch/x86/kvm/x86.c:1 injected by nestvirt' "
+                   "> /dev/kmsg", 10)
+        if spec.l1_workload:
+            add(ck.pattern_verified("l1-workload-pattern", self._verify(sh, "l1work", "/run/l1work"),
+                                    "L1 workload"))
+        if spec.state == "nested":
+            samples = []
+            for _ in range(3):
+                p = self._l2_pass(sh)
+                if p is not None:
+                    samples.append(p)
+                time.sleep(0.4)
+            add(ck.l2_progress(l2_before, samples))
+            self.res.metrics["l2_pass"] = {"src_before": l2_before, "dst": samples}
+            add(ck.pattern_verified("l2-memory-pattern", self._verify(sh, "nvmm", "/run/l2"),
+                                    "L2 page counter"))
+        if spec.state == "bare":
+            r = sh.run(f"nvmm run --payload {TOOLS}/payloads/cpuidloop.bin --iters 1000 "
+                       "--reports 2", 30)
+            add(ck.l2_starts_on_dst(r.rc, (r.out.strip().splitlines() or [r.err.strip()])[-1]
+                                    [:200] if r.rc == 0 else f"exit {r.rc}: {r.err.strip()[:200]}"))
+        dmesg_after = sh.run("dmesg", 15).out
+        new = ck.new_log_lines(dmesg_before, dmesg_after) + self._console_new_lines()
+        add(ck.kernel_log_clean(new))
+        for name, path in (("l2-serial.log", "/run/l2-serial.log"),
+                           ("l1-dmesg-dst.txt", None)):
+            text = dmesg_after if path is None else sh.run(f"cat {path} 2>/dev/null", 10).out
+            (self.workdir / name).write_text(text)
+
+    def _verify(self, sh: L1Shell, prog: str, base: str) -> dict | None:
+        r = sh.run(f"{prog} verify --pidfile {base}.pid --result {base}.verify --timeout 15", 25)
+        report = _json_or_empty(r.out)
+        return report or None
+
+    def _console_new_lines(self) -> list[str]:
+        # The destination's console only ever holds what L1 printed after migration.
+        assert self.dst is not None
+        log = self.dst.console_log
+        return log.read_text(errors="replace").splitlines() if log.exists() else []
+
+    # -- checks on a paused destination -------------------------------------------------------
+    def _check_identity(self) -> None:
+        src, dst = self.src, self.dst
+        assert src is not None and dst is not None
+        if not dst.alive():
+            return
+        size = self.spec.mem_mib * 1024 * 1024
+        dumps = {}
+        for m in (src, dst):
+            path = self.workdir / f"{m.config.name}-ram.bin"
+            m.qmp("pmemsave", val=0, size=size, filename=str(path), timeout=120)
+            dumps[m.config.name] = path
+        cmp = ck.compare_ram_dumps(dumps["src"], dumps["dst"])
+        for p in dumps.values():
+            p.unlink()  # hundreds of MiB each: keep the digests, not the bytes
+        self.res.metrics["ram"] = asdict(cmp)
+        self.res.checks.append(ck.ram_identical(cmp))
+        regs = {m.config.name: m.hmp("info registers") for m in (src, dst)}
+        for name, text in regs.items():
+            (self.workdir / f"{name}-registers.txt").write_text(text)
+        self.res.checks.append(ck.vcpu_identical(regs["src"], regs["dst"]))
+
+    def teardown(self) -> None:
+        for sh in self.shells:
+            sh.close()
+        for m in (self.dst, self.src):
+            if m is not None:
+                try:
+                    m.shutdown()
+                except (QmpCommandError, OSError):
+                    pass
+
+
+def _json_or_empty(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        try:
+            v = json.loads(line)
+            return v if isinstance(v, dict) else {}
+        except ValueError:
+            continue
+    return {}
+
+
+def with_inject(variant: Variant, inject: str | None) -> Variant:
+    return replace(variant, spec=replace(variant.spec, inject=inject))
+
+
+def quote_cmd(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+Runner = Callable[[Variant, RunContext], ScenarioResult]

@@ -1,0 +1,51 @@
+"""Shared fixtures: the host probe and the built L1 image, once per test process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness import proc
+from harness.guests import L1Image, build_l1, build_tools
+from harness.kernel import find_kernel
+from harness.probe import HostFacts, probe
+from harness.scenario import RunContext
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def facts() -> HostFacts:
+    return probe("auto")
+
+
+@pytest.fixture(scope="session")
+def l1_image() -> L1Image:
+    return build_l1(find_kernel(), build_tools())
+
+
+@pytest.fixture
+def ctx(facts: HostFacts, l1_image: L1Image, tmp_path: Path) -> RunContext:
+    return RunContext(qemu=facts.qemu.binary, accel=facts.accel, l1_cpu=facts.l1_cpu,
+                      image=l1_image, out=tmp_path, schema=facts.qemu)
+
+
+def qemu_children() -> list[str]:
+    """QEMU processes whose parent is this test process (left behind = a reaping bug)."""
+    out = subprocess.run(["ps", "-o", "pid=,ppid=,comm=", "-e"], capture_output=True, text=True,
+                         timeout=10).stdout
+    me = str(os.getpid())
+    return [ln for ln in out.splitlines()
+            if ln.split()[1:2] == [me] and "qemu" in ln and "<defunct>" not in ln]
+
+
+@pytest.fixture(autouse=True)
+def no_qemu_left_behind():
+    yield
+    live = [p.pid for p in proc._LIVE]
+    left = qemu_children()
+    proc.reap_all()
+    assert not live and not left, f"QEMU left running after the test: {live} {left}"

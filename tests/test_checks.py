@@ -1,0 +1,86 @@
+"""Every integrity oracle passes a good observation and catches a broken one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness import checks as ck
+
+
+def test_migration_completed_catches_failed_status():
+    assert ck.migration_completed("completed", None, "nested").ok
+    bad = ck.migration_completed("failed", "Unable to write to socket", "nested")
+    assert not bad.ok and "Unable to write" in bad.detail and "nested" in bad.detail
+
+
+def test_dst_alive_carries_qemu_error_line():
+    assert ck.dst_qemu_alive(True, "running", "running", []).ok
+    dead = ck.dst_qemu_alive(False, None, "running",
+                             ["qemu-system-x86_64: Failed to put registers after init: Invalid argument"])
+    assert not dead.ok and "Failed to put registers" in dead.detail
+    assert not ck.dst_qemu_alive(True, "paused", "running", []).ok
+
+
+def test_pattern_verified():
+    good = {"seq": 1, "ok": True, "pages": 128, "pass": 9, "bad": 0, "first_bad": []}
+    assert ck.pattern_verified("l2-memory-pattern", good, "L2").ok
+    bad = dict(good, ok=False, bad=1, first_bad=[{"page": 3, "expected": 9, "found": 94}])
+    c = ck.pattern_verified("l2-memory-pattern", bad, "L2")
+    assert not c.ok and "page" in c.detail
+    assert not ck.pattern_verified("x", None, "L2").ok
+    # A report claiming ok over zero pages verifies nothing.
+    assert not ck.pattern_verified("x", dict(good, pages=0), "L2").ok
+
+
+def test_l2_progress():
+    assert ck.l2_progress(10, [11, 13, 15]).ok
+    assert not ck.l2_progress(10, [12, 12, 12]).ok  # stalled
+    assert not ck.l2_progress(10, [3, 5, 7]).ok  # went back
+    assert not ck.l2_progress(None, [1, 2]).ok
+    assert not ck.l2_progress(10, [11]).ok
+
+
+def test_kernel_log_clean():
+    clean = ["[ 5.1] virtio_net virtio0 eth0: renamed", "[ 6.0] clocksource: tsc unstable"]
+    assert ck.kernel_log_clean(clean).ok
+    for bad in ("[ 7.0] WARNING: CPU: 0 PID: 1 at arch/x86/kvm/x86.c:10 kvm_arch_vcpu_ioctl",
+                "[ 7.0] BUG: unable to handle page fault for address: 0000",
+                "[ 7.0] kvm: vcpu 0: unhandled exit reason 0x400",
+                "[ 7.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks"):
+        assert not ck.kernel_log_clean([*clean, bad]).ok, bad
+
+
+def test_new_log_lines():
+    before = "a\nb\nc\n"
+    assert ck.new_log_lines(before, "a\nb\nc\nd\ne\n") == ["d", "e"]
+    # A ring buffer that wrapped: anchor on the last line seen before.
+    assert ck.new_log_lines(before, "b\nc\nd\n") == ["d"]
+    assert ck.new_log_lines("", "x\n") == ["x"]
+
+
+def test_ram_compare_finds_the_flipped_page(tmp_path: Path):
+    a = bytes(range(256)) * 16 * 64  # 64 pages
+    b = bytearray(a)
+    b[4096 * 37 + 5] ^= 0xFF
+    (tmp_path / "s").write_bytes(a)
+    (tmp_path / "d").write_bytes(bytes(b))
+    (tmp_path / "same").write_bytes(a)
+    same = ck.compare_ram_dumps(tmp_path / "s", tmp_path / "same")
+    assert ck.ram_identical(same).ok and same.pages == 64
+    diff = ck.compare_ram_dumps(tmp_path / "s", tmp_path / "d")
+    c = ck.ram_identical(diff)
+    assert not c.ok and diff.differing_pages == 1 and diff.first_differing == [hex(37 * 4096)]
+
+
+def test_vcpu_identical():
+    regs = "RAX=0000000000000001 RBX=0\nRIP=ffffffff81000000 RFL=00000246\nEFER=0000000000001d01\n"
+    assert ck.vcpu_identical(regs, regs).ok
+    c = ck.vcpu_identical(regs, regs.replace("RIP=ffffffff81000000", "RIP=ffffffff81000010"))
+    assert not c.ok and "RIP" in c.detail
+    assert not ck.vcpu_identical(regs, regs + "extra\n").ok
+    assert not ck.vcpu_identical("", "").ok
+
+
+def test_l2_starts_on_dst():
+    assert ck.l2_starts_on_dst(0, "2 reports").ok
+    assert not ck.l2_starts_on_dst(1, "KVM_RUN failed").ok

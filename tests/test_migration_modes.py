@@ -1,0 +1,61 @@
+"""Compression modes map onto QEMU's names and gate on the recorded QMP schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.errors import UsageError
+from harness.migration import COMPRESSION_MODES, MigrationMode, summarize_stats
+from harness.probe import HostFacts
+
+from .conftest import DATA
+
+
+def _host(name: str) -> HostFacts:
+    return HostFacts.from_json(json.loads((DATA / "hosts" / f"{name}.json").read_text()))
+
+
+def test_capabilities_and_parameters():
+    z = MigrationMode("multifd-zstd", channels=4, level=3)
+    assert z.capabilities() == {"events": True, "multifd": True}
+    p = z.parameters("src")
+    assert p["multifd-channels"] == 4 and p["multifd-compression"] == "zstd"
+    assert p["multifd-zstd-level"] == 3
+    c = MigrationMode("compress", threads=3, decompress_threads=1, level=9, wait_thread=False)
+    assert c.capabilities()["compress"]
+    pc = c.parameters("dst")
+    assert (pc["compress-threads"], pc["decompress-threads"], pc["compress-level"],
+            pc["compress-wait-thread"]) == (3, 1, 9, False)
+    x = MigrationMode("xbzrle", xbzrle_cache_mib=32)
+    assert x.parameters("src")["xbzrle-cache-size"] == 32 << 20
+    assert MigrationMode("none").capabilities() == {"events": True}
+
+
+@pytest.mark.parametrize("kw", [{"compression": "gzip"}, {"compression": "multifd-zlib", "level": 12},
+                                {"compression": "none", "level": 1}, {"channels": 0},
+                                {"transport": "rdma"}])
+def test_bad_knobs_are_usage_errors(kw):
+    with pytest.raises(UsageError):
+        MigrationMode(**kw)
+
+
+def test_schema_gating_on_recorded_hosts():
+    here, intel, amd = _host("tcg-debian12"), _host("intel-kvm-evmcs"), _host("amd-kvm")
+    for mode in COMPRESSION_MODES:
+        assert MigrationMode(mode).unsupported_reason(here.qemu) is None, mode
+    # QEMU 9.1+ dropped legacy compress: a skip with the reason, never a run.
+    why = MigrationMode("compress").unsupported_reason(intel.qemu)
+    assert why and "removed" in why
+    assert MigrationMode("compress").unsupported_reason(amd.qemu) is None
+
+
+def test_summarize_stats_flattens_query_migrate():
+    info = {"status": "completed", "total-time": 700, "downtime": 12, "setup-time": 3,
+            "ram": {"transferred": 10, "mbps": 900.5, "pages-per-second": 4000, "multifd-bytes": 9},
+            "compression": {"pages": 5, "compression-rate": 2.5}}
+    s = summarize_stats(info)
+    assert s["total_time_ms"] == 700 and s["downtime_ms"] == 12
+    assert s["ram_pages_per_second"] == 4000 and s["ram_multifd_bytes"] == 9
+    assert s["compression_compression_rate"] == 2.5

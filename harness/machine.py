@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,7 @@ class Machine:
     _transcript: Any = None
     _t0: float = 0.0
     events_seen: list[dict] = field(default_factory=list)
+    _sockdir: Path | None = None
 
     @property
     def console_log(self) -> Path:
@@ -81,7 +84,11 @@ class Machine:
 
     @property
     def qmp_socket(self) -> Path:
-        return self.workdir / f"{self.config.name}.qmp"
+        # AF_UNIX paths stop at 108 bytes; result dirs are deeper than that, so sockets
+        # live in a short private directory that shutdown() removes.
+        if self._sockdir is None:
+            self._sockdir = Path(tempfile.mkdtemp(prefix="nestvirt-"))
+        return self._sockdir / f"{self.config.name}.qmp"
 
     @property
     def transcript_path(self) -> Path:
@@ -260,6 +267,8 @@ class Machine:
                 pass
             self._qmp = None
         rc = proc.reap(self._proc, grace=timeout) if self._proc is not None else None
+        if self._sockdir is not None:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
         if self._transcript is not None:
             self._log("exit", {"returncode": rc})
             self._transcript.close()

@@ -275,7 +275,8 @@ class _ScenarioRun:
 
     def _uri(self) -> str:
         if self.mode.transport == "unix":
-            return f"unix:{self.workdir / 'migration.sock'}"
+            assert self.dst is not None
+            return f"unix:{self.dst.qmp_socket.with_name('migration.sock')}"
         return f"tcp:127.0.0.1:{free_port()}"
 
     def _record_migration(self, o: MigrationOutcome) -> None:

@@ -196,7 +196,7 @@ static int ctl_corrupt(int argc, char **argv)
 		if (c == 'p')
 			pidfile = optarg;
 		else
-			die(EXIT_USAGE, "corrupt: bad option '%s'", argv[optind - 1]);
+			die(EXIT_USAGE, "corrupt: unknown option or missing value: '%s'", argv[optind - 1]);
 	}
 	if (optind != argc)
 		die(EXIT_USAGE, "corrupt: unexpected argument '%s'", argv[optind]);
@@ -229,7 +229,7 @@ static int ctl_verify(int argc, char **argv)
 		else if (c == 't')
 			timeout = parse_pos_double("--timeout", optarg);
 		else
-			die(EXIT_USAGE, "verify: bad option '%s'", argv[optind - 1]);
+			die(EXIT_USAGE, "verify: unknown option or missing value: '%s'", argv[optind - 1]);
 	}
 	if (optind != argc)
 		die(EXIT_USAGE, "verify: unexpected argument '%s'", argv[optind]);

@@ -185,20 +185,24 @@ static double g_rate_total;
 static void write_status(const char *state)
 {
 	char buf[512];
-	uint64_t sweeps = 0, bytes = 0, i;
+	uint64_t sweeps = 0, bytes = 0, smin = UINT64_MAX, i;
 	int n;
 
 	if (!g_status)
 		return;
 	for (i = 0; i < g_nthreads; i++) {
-		sweeps += atomic_load_explicit(&g_sl[i].sweeps, memory_order_relaxed);
+		uint64_t sw = atomic_load_explicit(&g_sl[i].sweeps, memory_order_relaxed);
+
+		sweeps += sw;
+		smin = sw < smin ? sw : smin;
 		bytes += atomic_load_explicit(&g_sl[i].bytes, memory_order_relaxed);
 	}
 	n = snprintf(buf, sizeof buf,
-		     "{\"state\":\"%s\",\"pid\":%d,\"sweeps\":%llu,\"mib\":%llu,\"threads\":%llu,"
+		     "{\"state\":\"%s\",\"pid\":%d,\"sweeps\":%llu,\"sweeps_min\":%llu,\"mib\":%llu,\"threads\":%llu,"
 		     "\"rate_mib_s\":%g,\"bytes_written\":%llu,\"verifies\":%llu,\"corrupted\":%s,"
 		     "\"t\":%.6f}\n",
-		     state, (int)getpid(), (unsigned long long)sweeps, (unsigned long long)g_mib,
+		     state, (int)getpid(), (unsigned long long)sweeps, (unsigned long long)smin,
+		     (unsigned long long)g_mib,
 		     (unsigned long long)g_nthreads, g_rate_total, (unsigned long long)bytes,
 		     (unsigned long long)g_seq, atomic_load(&g_corrupted) ? "true" : "false",
 		     (double)now_ns() / 1e9);
@@ -280,7 +284,7 @@ static int cmd_run(int argc, char **argv)
 		case 's': g_status = optarg; break;
 		case 'R': g_result = optarg; break;
 		case 'p': g_pidfile = optarg; break;
-		default: die(EXIT_USAGE, "run: bad option '%s'", argv[optind - 1]);
+		default: die(EXIT_USAGE, "run: unknown option or missing value: '%s'", argv[optind - 1]);
 		}
 	}
 	if (optind != argc)

@@ -235,9 +235,9 @@ struct run_state {
 	volatile uint32_t *mb32; /* mailbox, as u32 words (guest writes it, so volatile) */
 	char payload_json[512];
 	int log_fd;
-	uint64_t t0, t_last_rep, t_last_status, wall_last;
+	uint64_t t_last_rep, t_last_status, wall_last;
 	uint64_t n_reports, exits_io, exits_pio, exits_intr, verify_seq;
-	uint32_t last_pass, last_iters;
+	uint32_t last_iters;
 	uint64_t last_cycles;
 	int corrupted, verify_pending;
 	uint64_t verify_deadline;
@@ -458,7 +458,6 @@ static void on_report(struct run_state *st)
 	r.cycles = (uint64_t)MB32(st, MB_CYCLES) | (uint64_t)MB32(st, MB_CYCLES + 4) << 32;
 	r.wall_ns = t - st->t_last_rep;
 	st->t_last_rep = t;
-	st->last_pass = r.pass;
 	st->last_iters = r.iters;
 	st->last_cycles = r.cycles;
 	st->wall_last = r.wall_ns;
@@ -470,6 +469,32 @@ static void on_report(struct run_state *st)
 		finish(st, "done", NULL, EXIT_OK);
 	}
 	write_status(st, "running", NULL, st->n_reports == 1);
+}
+
+/* The payload's exception stub reported a CPU exception: name it and where it happened. */
+__attribute__((noreturn))
+static void fault_exit(struct run_state *st, uint8_t vec)
+{
+	static const char *const names[] = {
+		"#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP",
+		"#SS", "#GP", "#PF", "res15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP" };
+	struct kvm_regs r;
+	struct kvm_sregs s;
+	char m[200];
+	uint16_t ip = 0, cs = 0;
+
+	if (ioctl(st->v.vcpu, KVM_GET_REGS, &r) == 0 && ioctl(st->v.vcpu, KVM_GET_SREGS, &s) == 0) {
+		/* the stub popped the vector, so ss:sp points at the interrupt frame (ip, cs, flags) */
+		uint64_t a = s.ss.base + (r.rsp & 0xffff);
+
+		if (a + 4 <= st->v.mem_size) {
+			memcpy(&ip, st->v.mem + a, 2);
+			memcpy(&cs, st->v.mem + a + 2, 2);
+		}
+	}
+	snprintf(m, sizeof m, "guest exception vector %u (%s) at %04x:%04x", vec,
+		 vec < sizeof names / sizeof names[0] ? names[vec] : "?", cs, ip);
+	fail_exit(st, m);
 }
 
 static void handle_io(struct run_state *st)
@@ -490,6 +515,8 @@ static void handle_io(struct run_state *st)
 			st->exits_pio++;
 			service(st, 0);
 			return;
+		case PORT_FAULT:
+			fault_exit(st, data[0]);
 		case PORT_CONSOLE:
 			if (st->log_fd >= 0 && write(st->log_fd, data, len) < 0)
 				fprintf(stderr, "nvmm: log write: %s\n", strerror(errno));
@@ -533,7 +560,7 @@ static int cmd_run(int argc, char **argv)
 		case 'l': o->log = optarg; break;
 		case 'R': o->result = optarg; break;
 		case 'p': o->pidfile = optarg; break;
-		default: die(EXIT_USAGE, "run: bad option '%s'", argv[optind - 1]);
+		default: die(EXIT_USAGE, "run: unknown option or missing value: '%s'", argv[optind - 1]);
 		}
 	}
 	if (optind != argc)
@@ -580,7 +607,7 @@ static int cmd_run(int argc, char **argv)
 			die(EXIT_FAIL, "out of memory for %llu reports", (unsigned long long)o->reports);
 	}
 	write_pidfile(o->pidfile);
-	st.t0 = st.t_last_rep = now_ns();
+	st.t_last_rep = now_ns();
 	write_status(&st, "starting", NULL, 1);
 	g_run = st.v.run;
 
@@ -651,7 +678,7 @@ static int cmd_hold(int argc, char **argv)
 		else if (c == 's')
 			status = optarg;
 		else
-			die(EXIT_USAGE, "hold: bad option '%s'", argv[optind - 1]);
+			die(EXIT_USAGE, "hold: unknown option or missing value: '%s'", argv[optind - 1]);
 	}
 	if (optind != argc)
 		die(EXIT_USAGE, "hold: unexpected argument '%s'", argv[optind]);
@@ -697,7 +724,7 @@ static int cmd_l1loop(int argc, char **argv)
 		else if (c == 'r')
 			reports = parse_u64("--reports", optarg, 0, 10000000);
 		else
-			die(EXIT_USAGE, "l1loop: bad option '%s'", argv[optind - 1]);
+			die(EXIT_USAGE, "l1loop: unknown option or missing value: '%s'", argv[optind - 1]);
 	}
 	if (optind != argc)
 		die(EXIT_USAGE, "l1loop: unexpected argument '%s'", argv[optind]);

@@ -25,6 +25,7 @@
 
 #define PORT_REPORT    0x10 /* out: mailbox holds a new report */
 #define PORT_NOP       0x11 /* out: counted and ignored (pioloop's exit generator) */
+#define PORT_FAULT     0x12 /* out: CPU exception, al = vector, ip/cs/flags at ss:sp (fatal) */
 #define PORT_CONSOLE   0xE9 /* out: one console byte, appended to the L2 serial log */
 
 #define KIND_PAGECOUNT 1

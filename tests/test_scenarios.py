@@ -1,0 +1,105 @@
+"""End to end on real QEMU (TCG here): every compression mode, every check, each check's failing case.
+
+QEMU 7.2 under TCG sometimes rejects a nested vCPU state on the destination (FACTS.md). The
+harness must then report a fail carrying QEMU's own line; these tests accept exactly that
+outcome as "QEMU flaked", retry, and otherwise assert what the harness reported.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.migration import COMPRESSION_MODES, MigrationMode
+from harness.scenario import RunContext, ScenarioResult, Variant, run_variant
+from harness.suite import SCENARIOS
+
+pytestmark = pytest.mark.qemu
+
+MIGRATION_CHECKS = {"migration-completed", "dst-qemu-alive"}
+
+
+def qemu_flaked(r: ScenarioResult) -> bool:
+    """The destination refused the stream: only migration checks failed, with QEMU's line."""
+    failed = {c.name for c in r.checks if not c.ok}
+    return r.verdict == "fail" and bool(failed) and failed <= MIGRATION_CHECKS | {"l1-ssh-on-dst"} \
+        and ("dst_error" in r.metrics or "exited" in r.reason)
+
+
+def run(ctx: RunContext, scenario: str, compression: str = "none", inject: str | None = None,
+        attempts: int = 3) -> ScenarioResult:
+    from dataclasses import replace
+
+    spec = replace(SCENARIOS[scenario], inject=inject)
+    for _ in range(attempts):
+        r = run_variant(Variant(spec, MigrationMode(compression)), ctx)
+        if not qemu_flaked(r):
+            return r
+    pytest.skip(f"QEMU rejected the migration {attempts} times: {r.reason}")
+
+
+def check(r: ScenarioResult, name: str):
+    found = [c for c in r.checks if c.name == name]
+    assert found, f"{name} missing from {[c.name for c in r.checks]}"
+    return found[0]
+
+
+@pytest.mark.parametrize("mode", COMPRESSION_MODES)
+def test_nested_migration_passes_every_mode(ctx: RunContext, mode: str):
+    r = run(ctx, "migrate-nested", mode)
+    assert r.verdict == "pass", r.reason
+    assert {c.name for c in r.checks} == set(SCENARIOS["migrate-nested"].checks)
+    s = r.params["migration_settings"]["src"]
+    if mode.startswith("multifd"):
+        assert s["capabilities"]["multifd"] and s["parameters"]["multifd-compression"] == mode[8:]
+        assert r.metrics["migration"]["ram_multifd_bytes"] > 0
+    elif mode == "compress":
+        assert s["capabilities"]["compress"]
+        assert any(k.startswith("compression_") for k in r.metrics["migration"])
+    elif mode == "xbzrle":
+        assert s["capabilities"]["xbzrle"]
+    # Artefacts a person needs to reproduce: command lines, QMP transcript, logs.
+    files = set(r.artifacts["files"])
+    assert {"src-cmdline.txt", "dst-cmdline.txt", "src-qmp.jsonl", "dst-qmp.jsonl",
+            "src-console.log", "dst-qemu.stderr", "l2-serial.log"} <= files
+    first = json.loads((ctx.out / r.artifacts["dir"] / "src-qmp.jsonl").read_text().splitlines()[0])
+    assert first["dir"] == "connected" and "-incoming" not in first["msg"]["argv"]
+
+
+def test_plain_and_bare_pass(ctx: RunContext):
+    plain = run(ctx, "migrate-plain", "multifd-zlib")
+    assert plain.verdict == "pass", plain.reason
+    bare = run(ctx, "migrate-bare", "none")
+    assert bare.verdict == "pass", bare.reason
+    assert check(bare, "l2-starts-on-dst").ok
+
+
+def test_paused_identity_passes_then_catches_a_running_destination(ctx: RunContext):
+    good = run(ctx, "migrate-paused-identity", "multifd-zstd")
+    assert good.verdict == "pass", good.reason
+    assert good.metrics["ram"]["pages"] == 512 * 256
+    broken = run(ctx, "migrate-paused-identity", "none", inject="run-dst-before-compare")
+    assert broken.verdict == "fail"
+    assert not check(broken, "ram-identical").ok
+    assert not check(broken, "vcpu-registers-identical").ok
+    assert check(broken, "migration-completed").ok
+
+
+@pytest.mark.parametrize("inject,scenario,caught", [
+    ("corrupt-l1", "migrate-plain", "l1-workload-pattern"),
+    ("corrupt-l2", "migrate-nested", "l2-memory-pattern"),
+    ("stop-l2", "migrate-nested", "l2-progress"),
+    ("kernel-warning", "migrate-plain", "kernel-log-clean"),
+    ("ssh-down", "migrate-plain", "l1-ssh-on-dst"),
+    ("kill-dst", "migrate-plain", "dst-qemu-alive"),
+])
+def test_each_check_catches_its_broken_case(ctx: RunContext, inject: str, scenario: str, caught: str):
+    r = run(ctx, scenario, "none", inject=inject, attempts=1 if inject == "kill-dst" else 3)
+    assert r.verdict == "fail", f"{inject} went unnoticed: {r.reason}"
+    assert not check(r, caught).ok
+    # The broken case is caught by its own check, not by collateral damage.
+    assert check(r, "migration-completed").ok
+    if inject not in ("kill-dst", "ssh-down"):
+        others = [c.name for c in r.checks if not c.ok and c.name != caught]
+        assert not others, others

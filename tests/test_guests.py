@@ -1,0 +1,78 @@
+"""Guest build: module order from .modinfo, the initramfs contents, and the guest programs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import SetupError
+from harness.guests import L1Image, build_tools, module_depends, module_load_order
+
+
+def test_module_depends_parses_modinfo():
+    blob = b"\x7fELF...\x00license=GPL\x00depends=virtio_ring,virtio,net_failover\x00vermagic=6.1"
+    assert module_depends(blob) == ["virtio_ring", "virtio", "net_failover"]
+    assert module_depends(b"\x00depends=\x00") == []
+
+
+def test_load_order_puts_dependencies_first(l1_image: L1Image):
+    order = list(l1_image.modules)
+    for dep, mod in [("irqbypass", "kvm"), ("kvm", "kvm_amd"), ("kvm", "kvm_intel"),
+                     ("virtio_ring", "virtio_net"), ("failover", "net_failover"),
+                     ("net_failover", "virtio_net"), ("virtio_pci_modern_dev", "virtio_pci")]:
+        if dep in order and mod in order:
+            assert order.index(dep) < order.index(mod), (dep, mod, order)
+    assert "kvm" in order
+
+
+def test_kernel_without_kvm_is_refused(tmp_path: Path):
+    (tmp_path / "kernel/net").mkdir(parents=True)
+    with pytest.raises(SetupError, match="no kvm module"):
+        module_load_order(tmp_path)
+
+
+def test_initramfs_holds_what_l1_needs(l1_image: L1Image):
+    names = subprocess.run(["cpio", "-t", "--quiet", "-F", str(l1_image.initramfs)],
+                           capture_output=True, text=True, timeout=60).stdout.split()
+    for needed in ("init", "bin/busybox", "usr/sbin/dropbear", "lib/modules/kvm.ko",
+                   "usr/lib/nestvirt/nvmm", "usr/lib/nestvirt/l1work",
+                   "usr/lib/nestvirt/payloads/pagecount.bin", "etc/passwd"):
+        assert needed in names, needed
+
+
+def test_tools_cache_is_reused():
+    a = build_tools()
+    t0 = time.monotonic()
+    b = build_tools()
+    assert a == b and time.monotonic() - t0 < 2
+
+
+def _run_l1work(tools_dir: Path, tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(tools_dir / "l1work"), *args], capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_l1work_oracle_verifies_then_catches_corruption(tmp_path: Path):
+    """The L1 workload's own oracle, run on the host: passes, then fails after a flipped byte."""
+    tools = build_tools()
+    pid, res = tmp_path / "pid", tmp_path / "res"
+    p = subprocess.Popen([str(tools.dir / "l1work"), "run", "--mib", "8", "--threads", "2",
+                          "--rate-mib-s", "64", "--pidfile", str(pid), "--result", str(res)])
+    try:
+        deadline = time.monotonic() + 10
+        while not pid.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ok = _run_l1work(tools.dir, tmp_path, "verify", "--pidfile", str(pid), "--result", str(res))
+        assert ok.returncode == 0 and json.loads(ok.stdout)["ok"], ok.stdout + ok.stderr
+        _run_l1work(tools.dir, tmp_path, "corrupt", "--pidfile", str(pid))
+        bad = _run_l1work(tools.dir, tmp_path, "verify", "--pidfile", str(pid), "--result", str(res))
+        report = json.loads(bad.stdout)
+        assert bad.returncode == 1 and not report["ok"] and report["bad_pages"] >= 1
+        assert report["first_bad"][0]["page"] == 5
+    finally:
+        p.terminate()
+        p.wait(timeout=10)

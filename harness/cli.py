@@ -15,7 +15,7 @@ from . import proc
 from .errors import SetupError, UsageError
 from .migration import COMPRESSION_MODES
 from .scenario import INJECTIONS, RunContext, ScenarioResult, run_variant
-from .suite import SCENARIOS, SMOKE, expand
+from .suite import SCENARIOS, SMOKE, apply_profile, expand
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="legacy compress-wait-thread")
     r.add_argument("--xbzrle-cache-mib", type=int, default=64)
     r.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
+    r.add_argument("--profile", help="Hyper-V enlightenment profile for L1 (see templates/profiles.json)")
+    r.add_argument("--hv", metavar="hv-a,hv-b,...", help="hv-* flags (laid over --profile)")
     r.add_argument("--inject", choices=INJECTIONS,
                    help="deliberately break the run to prove a check catches it")
     return p
@@ -107,6 +109,7 @@ def _writable_out(out: Path | None) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .enlightenments import resolve_profile
     from .guests import build_l1, build_tools
     from .kernel import find_kernel
     from .probe import probe
@@ -121,12 +124,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     kernel = find_kernel(args.kernel, args.modules)
     out = _writable_out(args.out)
     facts = probe(args.accel)
+    profile = resolve_profile(args.profile, args.hv, l1_nested=facts.l1_nested, vendor=facts.vendor)
+    variants = apply_profile(variants, profile, l1_nested=facts.l1_nested, vendor=facts.vendor)
     if facts.accel != "kvm":
+        # Loud on purpose: a nested run silently emulated is the trap this line prevents.
         print(f"nestvirt: accel {facts.accel}: {facts.accel_reason}", file=sys.stderr)
     tools = build_tools()
     image = build_l1(kernel, tools)
-    ctx = RunContext(qemu=facts.qemu.binary, accel=facts.accel, l1_cpu=facts.l1_cpu,
-                     image=image, out=out, schema=facts.qemu)
+    ctx = RunContext(host=facts, image=image, out=out)
     run_info = {"argv": sys.argv, "started": time.strftime("%FT%T%z"), "image": image.to_json(),
                 "out": str(out), "pid": os.getpid()}
     results: list[ScenarioResult] = []

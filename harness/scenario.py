@@ -18,17 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from . import checks as ck
+from .enlightenments import Profile, host_support, qemu_cpu_suffix, same_enlightenments
 from .errors import NestvirtError, StepTimeout
 from .guests import L1Image
+from .hvcpuid import supported_hv_flags
 from .l1 import L1Shell, RunKey
 from .machine import Machine, MachineConfig, QmpCommandError
 from .migration import MigrationMode, MigrationOutcome, migrate, summarize_stats
 from .ports import free_port
+from .probe import HostFacts
 
 STATES = ("plain", "bare", "nested")
 INJECTIONS = ("corrupt-l1", "corrupt-l2", "stop-l2", "kill-dst", "kernel-warning", "ssh-down",
               "run-dst-before-compare")
 TOOLS = "/usr/lib/nestvirt"
+NO_PROFILE = Profile(name="none")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class ScenarioSpec:
     l1_rate_mib_s: int = 32
     l2_pages: int = 128
     inject: str | None = None  # a deliberate fault: proves the checks can fail
+    profile: str | None = None  # an enlightenment profile this scenario is about (else the run's)
 
     def __post_init__(self) -> None:
         assert self.state in STATES, self.state
@@ -56,16 +61,27 @@ class ScenarioSpec:
 
 @dataclass(frozen=True)
 class Variant:
+    """A scenario with its axes fixed: migration mode and L1's enlightenment profile.
+
+    dst_profile differs from profile only to prove the pre-migration guard (None: same).
+    """
+
     spec: ScenarioSpec
     mode: MigrationMode
+    profile: Profile = NO_PROFILE
+    dst_profile: Profile | None = None
 
     @property
     def id(self) -> str:
         vid = f"{self.spec.name}/{self.mode.compression}"
+        if self.profile.names or self.profile.name != "none":
+            vid += f"/{self.profile.name}"
         return vid + (f"+inject-{self.spec.inject}" if self.spec.inject else "")
 
     def params(self) -> dict[str, Any]:
-        return {"spec": asdict(self.spec), "migration": self.mode.to_json()}
+        return {"spec": asdict(self.spec), "migration": self.mode.to_json(),
+                "profile": {"name": self.profile.name, "cpu_suffix": qemu_cpu_suffix(self.profile),
+                            "notes": list(self.profile.notes)}}
 
 
 @dataclass
@@ -90,14 +106,29 @@ class ScenarioResult:
 class RunContext:
     """What every scenario of a run shares: host facts, built L1, where results go."""
 
-    qemu: str
-    accel: str
-    l1_cpu: str
+    host: HostFacts
     image: L1Image
     out: Path
-    schema: Any  # probe.QemuFacts: migration schema of the binary
     boot_timeout: float = 60.0
     migrate_timeout: float = 120.0
+
+    @property
+    def qemu(self) -> str:
+        return self.host.qemu.binary
+
+    @property
+    def accel(self) -> str:
+        return self.host.accel
+
+    def l1_cpu(self, profile: Profile) -> str:
+        return self.host.l1_cpu + qemu_cpu_suffix(profile)
+
+    def unsupported_reason(self, variant: Variant) -> str | None:
+        """Why this host cannot run the variant (a skip reason), from the probe's facts."""
+        h = self.host
+        return variant.mode.unsupported_reason(h.qemu) or host_support(
+            variant.profile, accel=h.accel, l1_nested=h.l1_nested, caps=h.kvm.caps,
+            hv_supported=supported_hv_flags(h.kvm.hv_cpuid), qemu_hv_props=h.qemu.hv_props)
 
 
 class _Timer:
@@ -115,12 +146,17 @@ class _Timer:
 
 def run_variant(variant: Variant, ctx: RunContext) -> ScenarioResult:
     """Run one variant end to end; never raises for scenario failures, always reaps QEMU."""
-    spec, mode = variant.spec, variant.mode
+    spec = variant.spec
     res = ScenarioResult(id=variant.id, scenario=spec.name, params=variant.params())
     workdir = ctx.out / re.sub(r"[^\w.+-]+", "_", variant.id)
     workdir.mkdir(parents=True, exist_ok=True)
     res.artifacts["dir"] = str(workdir)
-    skip = mode.unsupported_reason(ctx.schema)
+    # A src/dst enlightenment mismatch is a configuration error on any host: refuse it first.
+    mismatch = same_enlightenments(variant.profile, variant.dst_profile or variant.profile)
+    if mismatch:
+        res.verdict, res.reason = "error", f"refused before migrating: {mismatch}"
+        return _finish(res, workdir)
+    skip = ctx.unsupported_reason(variant)
     if skip:
         res.verdict, res.reason = "skip", skip
         return _finish(res, workdir)
@@ -161,6 +197,7 @@ class _ScenarioRun:
     def __init__(self, variant: Variant, ctx: RunContext, workdir: Path,
                  res: ScenarioResult) -> None:
         self.spec, self.mode, self.ctx = variant.spec, variant.mode, ctx
+        self.variant = variant
         self.workdir, self.res = workdir, res
         self.timer = _Timer(res)
         self.key = RunKey.generate()
@@ -171,23 +208,10 @@ class _ScenarioRun:
 
     # -- machines -------------------------------------------------------------------------
     def _machine(self, name: str, incoming: bool) -> Machine:
-        c = self.ctx
-        cfg = MachineConfig(
-            name=name, qemu=c.qemu, accel=c.accel, cpu=c.l1_cpu, kernel=c.image.kernel.image,
-            initrd=c.image.initramfs, mem_mib=self.spec.mem_mib, smp=self.spec.smp,
-            incoming=incoming,
-            append=f"console=ttyS0 panic=-1 loglevel=6 {self.key.cmdline_arg}")
-        # A port taken between asking and QEMU's bind makes QEMU exit: retry with a new one.
-        for attempt in range(3):
-            m = Machine(cfg, self.workdir, free_port())
-            try:
-                m.launch(timeout=20)
-                return m
-            except StepTimeout as e:
-                m.shutdown()
-                if "hostfwd" not in str(e) or attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        v = self.variant
+        profile = v.profile if name == "src" else (v.dst_profile or v.profile)
+        return launch_l1(self.ctx, name, self.workdir, self.key, cpu=self.ctx.l1_cpu(profile),
+                         mem_mib=self.spec.mem_mib, smp=self.spec.smp, incoming=incoming)
 
     def _shell(self, m: Machine, timeout: float = 30.0) -> L1Shell:
         sh = L1Shell(m.ssh_port, self.key)
@@ -252,7 +276,8 @@ class _ScenarioRun:
         deadline = time.monotonic() + 30
         while True:
             st = self._status(sh)
-            ok = (not s.l1_workload or st.get("l1work", {}).get("sweeps", 0) >= 1) and (
+            # l1work writes its status once the whole region holds the pattern.
+            ok = (not s.l1_workload or st.get("l1work", {}).get("state") == "running") and (
                 s.state == "plain"
                 or (s.state == "bare" and st.get("l2", {}).get("state") == "holding")
                 or (s.state == "nested" and st.get("l2", {}).get("pass", 0) >= 2))
@@ -388,6 +413,26 @@ class _ScenarioRun:
                     m.shutdown()
                 except (QmpCommandError, OSError):
                     pass
+
+
+def launch_l1(ctx: RunContext, name: str, workdir: Path, key: RunKey, *, cpu: str,
+              mem_mib: int = 512, smp: int = 1, incoming: bool = False) -> Machine:
+    """Start one L1 QEMU from the run's image (not waiting for boot); reap with shutdown()."""
+    cfg = MachineConfig(
+        name=name, qemu=ctx.qemu, accel=ctx.accel, cpu=cpu, kernel=ctx.image.kernel.image,
+        initrd=ctx.image.initramfs, mem_mib=mem_mib, smp=smp, incoming=incoming,
+        append=f"console=ttyS0 panic=-1 loglevel=6 {key.cmdline_arg}")
+    # A port taken between asking and QEMU's bind makes QEMU exit: retry with a new one.
+    for attempt in range(3):
+        m = Machine(cfg, workdir, free_port())
+        try:
+            m.launch(timeout=20)
+            return m
+        except StepTimeout as e:
+            m.shutdown()
+            if "hostfwd" not in str(e) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _json_or_empty(text: str) -> dict:

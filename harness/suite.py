@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from .enlightenments import Profile, resolve_profile
 from .errors import UsageError
 from .migration import COMPRESSION_MODES, MigrationMode
 from .scenario import ScenarioSpec, Variant
@@ -24,6 +25,12 @@ SCENARIOS: dict[str, ScenarioSpec] = {s.name: s for s in (
         name="migrate-bare",
         description="L1's KVM holds a VM with no vCPU run (bare VMXON/SVME); a new L2 runs on dst",
         state="bare", checks=(*_GUEST_CHECKS, "l2-starts-on-dst")),
+    ScenarioSpec(
+        name="migrate-nested-evmcs",
+        description="L2 running with L1's KVM using the enlightened VMCS (KVM + VMX hosts only)",
+        state="nested", profile="evmcs-linux",
+        checks=(*_GUEST_CHECKS, "l2-progress", "l2-memory-pattern", "l1-sees-enlightenments",
+                "l1-uses-evmcs", "evmcs-log-clean")),
     ScenarioSpec(
         name="migrate-paused-identity",
         description="Stop L1 (L2 inside), migrate, compare guest RAM and vCPU registers src/dst",
@@ -53,3 +60,16 @@ def expand(names: list[str], compression: str | None, knobs: dict,
         for m in modes:
             variants.append(Variant(spec, MigrationMode(compression=m, **knobs)))
     return variants
+
+
+def apply_profile(variants: list[Variant], run_profile: Profile, *, l1_nested: str,
+                  vendor: str) -> list[Variant]:
+    """Give each variant the run's profile, or the one its scenario is about (resolved here)."""
+    out = []
+    for v in variants:
+        if v.spec.profile:
+            p = resolve_profile(v.spec.profile, None, l1_nested=l1_nested, vendor=vendor)
+        else:
+            p = run_profile
+        out.append(replace(v, profile=p))
+    return out

@@ -29,8 +29,7 @@ def l1_image() -> L1Image:
 
 @pytest.fixture
 def ctx(facts: HostFacts, l1_image: L1Image, tmp_path: Path) -> RunContext:
-    return RunContext(qemu=facts.qemu.binary, accel=facts.accel, l1_cpu=facts.l1_cpu,
-                      image=l1_image, out=tmp_path, schema=facts.qemu)
+    return RunContext(host=facts, image=l1_image, out=tmp_path)
 
 
 def qemu_children() -> list[str]:

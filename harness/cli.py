@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from . import proc
+from . import known, proc
 from .errors import SetupError, UsageError
 from .migration import COMPRESSION_MODES
 from .scenario import INJECTIONS, RunContext, ScenarioResult, run_variant
@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
     r.add_argument("--profile", help="Hyper-V enlightenment profile for L1 (see templates/profiles.json)")
     r.add_argument("--hv", metavar="hv-a,hv-b,...", help="hv-* flags (laid over --profile)")
+    r.add_argument("--known-issues", type=Path, metavar="FILE",
+                   help="signatures of known failures (default ci/known-issues.json)")
+    r.add_argument("--no-known-issues", action="store_true",
+                   help="report every failure as fail, known or not")
     r.add_argument("--inject", choices=INJECTIONS,
                    help="deliberately break the run to prove a check catches it")
     return p
@@ -121,6 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
              "transport": args.transport}
     # Everything the user typed is checked before anything starts.
     variants = expand(args.scenarios, args.compression, knobs, inject=args.inject)
+    sigs = [] if args.no_known_issues else known.load(args.known_issues or known.DEFAULT_FILE)
     kernel = find_kernel(args.kernel, args.modules)
     out = _writable_out(args.out)
     facts = probe(args.accel)
@@ -140,7 +145,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for i, v in enumerate(variants, 1):
             if not args.json:
                 print(f"[{i}/{len(variants)}] {v.id} ...", file=sys.stderr, flush=True)
-            results.append(run_variant(v, ctx))
+            result = run_variant(v, ctx)
+            known.classify([result], sigs, facts.accel, facts.qemu.version)
+            results.append(result)
             write_results(out, facts.to_json(), results, run_info)
     finally:
         # Reached on Ctrl-C too: what finished is kept.

@@ -26,7 +26,7 @@ def write_results(out: Path, host: dict, results: list[ScenarioResult],
 
 
 def exit_status(results: list[ScenarioResult]) -> int:
-    """0 when nothing failed or errored, else 1."""
+    """0 when nothing failed or errored (known issues are reported, not counted), else 1."""
     return 1 if any(r.verdict in ("fail", "error") for r in results) else 0
 
 
@@ -67,8 +67,9 @@ def junit_xml(results: list[ScenarioResult], suite: str = "nestvirt") -> str:
                        f"{escape(json.dumps([c.to_json() for c in r.checks], indent=1))}</failure>")
         elif r.verdict == "error":
             out.append(f"    <error message={quoteattr(r.reason[:300])}/>")
-        elif r.verdict == "skip":
-            out.append(f"    <skipped message={quoteattr(r.reason[:300])}/>")
+        elif r.verdict in ("skip", "known-issue"):
+            msg = r.reason if r.verdict == "skip" else f"known-issue: {r.reason}"
+            out.append(f"    <skipped message={quoteattr(msg[:300])}/>")
         out.append("  </testcase>")
     out.append("</testsuite>")
     return "\n".join(out) + "\n"

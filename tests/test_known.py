@@ -1,0 +1,44 @@
+"""Known-issue signatures: a matching failure is marked apart, anything else stays fail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness import known
+from harness.checks import Check
+from harness.errors import UsageError
+from harness.results import exit_status, junit_xml
+from harness.scenario import ScenarioResult
+
+OOPS = ("l1-ssh-on-dst: SSH failed; kernel-log-clean: 3 bad line(s), first: [ 9.3] general "
+        "protection fault, probably for non-canonical address")
+
+
+def _fail(id_: str, reason: str) -> ScenarioResult:
+    return ScenarioResult(id=id_, scenario=id_.split("/")[0], verdict="fail", reason=reason,
+                          checks=[Check("kernel-log-clean", False, reason)])
+
+
+def test_shipped_file_loads_and_matches_only_its_evidence():
+    sigs = known.load()
+    hit = _fail("migrate-plain/multifd-zlib", OOPS)
+    other_mode = _fail("migrate-plain/multifd-zstd", OOPS)
+    other_cause = _fail("migrate-plain/multifd-zlib", "l1-workload-pattern: 3 bad of 16384 pages")
+    other_host = _fail("migrate-plain/multifd-zlib", OOPS)
+    known.classify([hit, other_mode, other_cause], sigs, "tcg", "7.2.22")
+    known.classify([other_host], sigs, "kvm", "9.2.0")
+    assert hit.verdict == "known-issue" and "qemu72" in hit.reason and "general protection" in hit.reason
+    assert [r.verdict for r in (other_mode, other_cause, other_host)] == ["fail"] * 3
+    assert exit_status([hit]) == 0 and exit_status([hit, other_mode]) == 1
+    assert "known-issue" in junit_xml([hit])
+
+
+def test_bad_file_is_usage_error(tmp_path: Path):
+    bad = tmp_path / "k.json"
+    bad.write_text('{"signatures": [{"id": "x", "variants": "*", "evidence": "(", "description": ""}]}')
+    with pytest.raises(UsageError):
+        known.load(bad)
+    with pytest.raises(UsageError):
+        known.load(tmp_path / "missing.json")

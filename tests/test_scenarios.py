@@ -38,12 +38,12 @@ def qemu_flaked(r: ScenarioResult) -> bool:
 
 
 def run(ctx: RunContext, scenario: str, compression: str = "none", inject: str | None = None,
-        attempts: int = 3) -> ScenarioResult:
+        attempts: int = 3, **knobs) -> ScenarioResult:
     from dataclasses import replace
 
     spec = replace(SCENARIOS[scenario], inject=inject)
     for _ in range(attempts):
-        r = run_variant(Variant(spec, MigrationMode(compression)), ctx)
+        r = run_variant(Variant(spec, MigrationMode(compression, **knobs)), ctx)
         if not qemu_flaked(r):
             return r
     pytest.skip(f"QEMU broke the migration {attempts} times (reported as fail): {r.reason[:300]}")
@@ -80,8 +80,11 @@ def test_nested_migration_passes_every_mode(ctx: RunContext, mode: str):
 def test_plain_and_bare_pass(ctx: RunContext):
     plain = run(ctx, "migrate-plain", "multifd-zlib")
     assert plain.verdict == "pass", plain.reason
-    bare = run(ctx, "migrate-bare", "none")
+    bare = run(ctx, "migrate-bare", "none", transport="unix")
     assert bare.verdict == "pass", bare.reason
+    assert bare.params["migration"]["transport"] == "unix"
+    transcript = (ctx.out / bare.artifacts["dir"] / "src-qmp.jsonl").read_text()
+    assert '"uri": "unix:' in transcript
     assert check(bare, "l2-starts-on-dst").ok
 
 

@@ -797,6 +797,33 @@ static int cmd_caps(int argc, char **argv)
 	return EXIT_OK;
 }
 
+/*
+ * Raw CPUID of the leaves harness/hvcpuid.py decodes (its DUMP_LEAVES, subleaf 0), in its line
+ * format.  No max-leaf check on purpose: the decoder needs the raw answers and ignores leaves
+ * above 0x40000000.EAX itself.  "# end" lets the harness tell a complete dump from a cut one.
+ */
+static int cmd_cpuid_dump(int argc, char **argv)
+{
+	static const uint32_t leaves[] = {
+		0x00000001, 0x40000000, 0x40000001, 0x40000002, 0x40000003, 0x40000004,
+		0x40000005, 0x40000006, 0x40000007, 0x40000008, 0x40000009, 0x4000000a,
+		0x40000100, 0x40000101, 0x80000001 };
+	unsigned int a, b, c, d;
+	size_t i;
+
+	(void)argv;
+	if (argc > 1)
+		die(EXIT_USAGE, "cpuid-dump takes no arguments");
+	printf("# nvmm cpuid-dump: leaf subleaf: registers\n");
+	for (i = 0; i < sizeof leaves / sizeof leaves[0]; i++) {
+		__cpuid_count(leaves[i], 0, a, b, c, d);
+		printf("0x%08x 0x%08x: eax=0x%08x ebx=0x%08x ecx=0x%08x edx=0x%08x\n",
+		       leaves[i], 0u, a, b, c, d);
+	}
+	printf("# end\n");
+	return fflush(stdout) == 0 ? EXIT_OK : EXIT_FAIL;
+}
+
 static void usage(void)
 {
 	fprintf(stderr,
@@ -806,7 +833,8 @@ static void usage(void)
 		"       nvmm corrupt --pidfile P\n"
 		"       nvmm hold [--pidfile P] [--status PATH]\n"
 		"       nvmm l1loop --kind cpuid [--iters N] [--reports K]\n"
-		"       nvmm caps\n");
+		"       nvmm caps\n"
+		"       nvmm cpuid-dump\n");
 }
 
 int main(int argc, char **argv)
@@ -834,6 +862,8 @@ int main(int argc, char **argv)
 		return cmd_l1loop(argc, argv);
 	if (!strcmp(cmd, "caps"))
 		return cmd_caps(argc, argv);
+	if (!strcmp(cmd, "cpuid-dump"))
+		return cmd_cpuid_dump(argc, argv);
 	if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help")) {
 		usage();
 		return EXIT_OK;

@@ -33,7 +33,7 @@ def dst_qemu_alive(alive: bool, run_state: str | None, expected: str,
                    error_lines: list[str]) -> Check:
     """Destination QEMU still runs and is in the expected run state; else carry its own error."""
     if not alive:
-        line = (error_lines or ["(no stderr)"])[-1]
+        line = " | ".join(error_lines[-3:]) if error_lines else "(no stderr)"
         return Check("dst-qemu-alive", False, f"destination QEMU exited: {line}")
     if run_state != expected:
         return Check("dst-qemu-alive", False, f"destination run state {run_state}, expected {expected}")

@@ -1,4 +1,4 @@
-"""`nestvirt` command line: doctor, list, run. A thin adapter over probe, guests and the engine."""
+"""`nestvirt` command line: doctor, list, run, vmexit. A thin adapter over probe, guests and the engines."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import NoReturn
 from . import known, proc
 from .errors import SetupError, UsageError
 from .migration import COMPRESSION_MODES
-from .scenario import INJECTIONS, RunContext, ScenarioResult, run_variant
-from .suite import SCENARIOS, SMOKE, apply_profile, expand
+from .scenario import INJECTIONS, RunContext, ScenarioResult
+from .suite import SCENARIOS, SMOKE, apply_profile, expand, runner_for
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,14 +56,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report every failure as fail, known or not")
     r.add_argument("--inject", choices=INJECTIONS,
                    help="deliberately break the run to prove a check catches it")
+    _add_vmexit_parser(sub)
+    _add_selftest_parser(sub)
     return p
+
+
+def _add_vmexit_parser(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser("vmexit", help="measure nested vmexit cost per enlightenment profile")
+    v.add_argument("--profile", action="append", default=[], metavar="NAME",
+                   help="profile to compare (repeatable; 'none' is always measured as baseline)")
+    v.add_argument("--hv", action="append", default=[], metavar="hv-a,hv-b,...",
+                   help="an hv-* list measured as its own profile (repeatable)")
+    v.add_argument("--reports", type=int, help="reports per loop run, the first is warm-up "
+                   "(default 11 on KVM, 6 under TCG)")
+    v.add_argument("--iters", type=int, help="exits per report (default 20000 on KVM, 500 under TCG)")
+    v.add_argument("--repeat", type=int, help="repetitions per profile, interleaved (default 3)")
+    v.add_argument("--no-migrate", action="store_true",
+                   help="skip migrating the first profile's L1 and measuring again there")
+    v.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    v.add_argument("--kernel", help="L1 kernel image (default: NESTVIRT_KERNEL, host, Debian)")
+    v.add_argument("--modules", help="module tree for --kernel (lib/modules/RELEASE)")
+    v.add_argument("--out", type=Path, help="results directory (default results/<time>)")
+    v.add_argument("--json", action="store_true", help="print results.json instead of a table")
+
+
+def _add_selftest_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("selftest", help="run the kernel's KVM selftests in L1 (or on the host)",
+                       description="Build tools/testing/selftests/kvm statically (cached), run each "
+                       "selected test in L1 with its own deadline, report pass/fail/skip/timeout. "
+                       "Source: --selftests, else --kernel-tree, else Debian's linux-source "
+                       "matching the kernel.")
+    s.add_argument("--kernel", help="L1 kernel image (default: NESTVIRT_KERNEL, host, Debian)")
+    s.add_argument("--modules", help="module tree for --kernel (lib/modules/RELEASE)")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--kernel-tree", type=Path, metavar="DIR",
+                     help="kernel source tree to build tools/testing/selftests/kvm from")
+    src.add_argument("--selftests", type=Path, metavar="DIR",
+                     help="directory of already built (static) selftest binaries")
+    s.add_argument("--filter", action="append", default=[], metavar="NAMES|GLOBS",
+                   help="tests to run: names or globs, comma-separated, repeatable (default: all)")
+    s.add_argument("--timeout", type=float, metavar="S",
+                   help="deadline per test in seconds (default: the tree's kvm/settings, else 120)")
+    s.add_argument("--profile", help="Hyper-V enlightenment profile for L1's CPU")
+    s.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    s.add_argument("--on", choices=("l1", "host"), default="l1",
+                   help="l1: in the kernel under test, nested (default); host: on this host's "
+                   "kernel, each test a skip with the probe's reason where it has no usable KVM")
+    s.add_argument("--list", action="store_true", help="list the built tests and stop")
+    s.add_argument("--out", type=Path, help="results directory (default results/<time>)")
+    s.add_argument("--json", action="store_true", help="print results.json instead of a table")
 
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         args = build_parser().parse_args(argv)
-        return {"doctor": cmd_doctor, "list": cmd_list, "run": cmd_run}[args.cmd](args)
+        return {"doctor": cmd_doctor, "list": cmd_list, "run": cmd_run,
+                "vmexit": cmd_vmexit, "selftest": cmd_selftest}[args.cmd](args)
     except (UsageError, SetupError) as e:
         print(f"nestvirt: error: {e}", file=sys.stderr)
         return 2
@@ -145,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for i, v in enumerate(variants, 1):
             if not args.json:
                 print(f"[{i}/{len(variants)}] {v.id} ...", file=sys.stderr, flush=True)
-            result = run_variant(v, ctx)
+            result = runner_for(v)(v, ctx)
             known.classify([result], sigs, facts.accel, facts.qemu.version)
             results.append(result)
             write_results(out, facts.to_json(), results, run_info)
@@ -159,7 +208,132 @@ def cmd_run(args: argparse.Namespace) -> int:
         print((out / "results.json").read_text())
     else:
         print(console_table(results))
+        _print_figures(results)
         print(f"results: {out / 'results.json'}")
+    return exit_status(results)
+
+
+def _print_figures(results: list[ScenarioResult]) -> None:
+    from .vmexit import SCENARIO, figures_table
+
+    for r in results:
+        if r.scenario == SCENARIO and r.metrics.get("figures") is not None:
+            print(figures_table(r))
+
+
+def cmd_vmexit(args: argparse.Namespace) -> int:
+    from .enlightenments import dependency_problems, get_profile, parse_hv_list
+    from .guests import build_l1, build_tools
+    from .kernel import find_kernel
+    from .probe import probe
+    from .results import console_table, exit_status, junit_xml, write_results
+    from .vmexit import check_numbers, default_plan, plan_profiles, run_vmexit
+
+    # Everything the user typed is checked before anything starts (the probe starts QEMU).
+    check_numbers(2 if args.reports is None else args.reports,
+                  1 if args.iters is None else args.iters, 1 if args.repeat is None else args.repeat)
+    for name in args.profile:
+        get_profile(name)
+    for hv in args.hv:
+        problems = dependency_problems(parse_hv_list(hv))
+        if problems:
+            raise UsageError(f"enlightenments {hv}: " + "; ".join(problems))
+    kernel = find_kernel(args.kernel, args.modules)
+    out = _writable_out(args.out)
+    facts = probe(args.accel)
+    profiles = plan_profiles(args.profile, args.hv, l1_nested=facts.l1_nested, vendor=facts.vendor)
+    plan = default_plan(profiles, facts.accel, reports=args.reports, iters=args.iters,
+                        repeat=args.repeat, migrate=not args.no_migrate)
+    if facts.accel != "kvm":
+        # Loud on purpose: an emulated exit cost is not a hardware figure.
+        print(f"nestvirt: accel {facts.accel}: {facts.accel_reason}", file=sys.stderr)
+    image = build_l1(kernel, build_tools())
+    ctx = RunContext(host=facts, image=image, out=out)
+    run_info = {"argv": sys.argv, "started": time.strftime("%FT%T%z"), "image": image.to_json(),
+                "out": str(out), "pid": os.getpid()}
+    results: list[ScenarioResult] = []
+    t0 = time.monotonic()
+    try:
+        results.append(run_vmexit(ctx, plan))
+    finally:
+        run_info["seconds"] = round(time.monotonic() - t0, 2)
+        write_results(out, facts.to_json(), results, run_info)
+        (out / "junit.xml").write_text(junit_xml(results))
+        _link_latest(out)
+    if args.json:
+        print((out / "results.json").read_text())
+    else:
+        print(console_table(results))
+        _print_figures(results)
+        print(f"results: {out / 'results.json'}")
+    return exit_status(results)
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from . import selftests as st
+    from .enlightenments import resolve_profile
+    from .guests import build_l1, build_tools
+    from .kernel import find_kernel
+    from .kselftest import select
+    from .probe import probe
+    from .results import exit_status, junit_xml, tap, write_results
+
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout:g}: must be more than 0")
+    kernel = find_kernel(args.kernel, args.modules)
+    t0 = time.monotonic()
+    build = st.resolve_build(kernel, args.kernel_tree, args.selftests, st.note)
+    setup_s = round(time.monotonic() - t0, 2)
+    names, unmatched = select(build.names(), args.filter)
+    if unmatched:
+        raise UsageError(f"--filter {', '.join(unmatched)}: no such selftest in {build.source} "
+                         "(see --list)")
+    if args.list:
+        for t in build.tests:
+            print(f"{t.name:36} {'built' if t.ok else 'BUILD FAILED: ' + t.error}")
+        return 0
+    out = _writable_out(args.out)
+    facts = probe(args.accel)
+    profile = resolve_profile(args.profile, None, l1_nested=facts.l1_nested, vendor=facts.vendor)
+    timeout = args.timeout or build.timeout_s or st.DEFAULT_TIMEOUT_S
+    plan = st.SelftestPlan(build, tuple(names), timeout, args.on, profile)
+    if facts.accel != "kvm":
+        print(f"nestvirt: accel {facts.accel}: {facts.accel_reason}", file=sys.stderr)
+    run_info = {"argv": sys.argv, "started": time.strftime("%FT%T%z"), "out": str(out),
+                "pid": os.getpid(), "selftests": build.to_json(), "on": args.on,
+                "timeout_s": timeout, "setup_seconds": setup_s, "kernel": kernel.to_json()}
+
+    def progress(i: int, n: int, name: str) -> None:
+        if not args.json:
+            print(f"[{i}/{n}] {name} ...", file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    results: list[ScenarioResult] = []
+
+    def done(r: ScenarioResult) -> None:  # results.json grows as tests finish (Ctrl-C keeps them)
+        results.append(r)
+        write_results(out, facts.to_json(), results, run_info)
+
+    try:
+        if args.on == "host":
+            if st.host_unsupported(facts):
+                print(f"nestvirt: {st.host_unsupported(facts)}", file=sys.stderr)
+            results = st.run_on_host(plan, facts, out, progress, done)
+        else:
+            image = build_l1(kernel, build_tools())
+            run_info["image"] = image.to_json()
+            results = st.run_in_l1(plan, RunContext(host=facts, image=image, out=out), progress, done)
+    finally:
+        run_info["seconds"] = round(time.monotonic() - t0, 2)
+        write_results(out, facts.to_json(), results, run_info)
+        (out / "junit.xml").write_text(junit_xml(results, suite="kselftest-kvm"))
+        (out / "results.tap").write_text(tap(results, st.tap_name))
+        _link_latest(out)
+    if args.json:
+        print((out / "results.json").read_text())
+    else:
+        print(st.summary_table(results))
+        print(f"results: {out / 'results.json'} (TAP: results.tap, JUnit: junit.xml)")
     return exit_status(results)
 
 

@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jinja2
@@ -209,3 +209,27 @@ def _copy_with_libs(binary: Path, stage: Path) -> None:
         target = stage / str(lib).lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(lib.resolve(), target)
+
+
+def with_overlay(image: L1Image, stage: Path, key: str, timeout: float = 120) -> L1Image:
+    """``image`` whose initramfs also holds the files under ``stage`` (an extra newc archive
+    appended: the kernel unpacks concatenated archives in order, later files win).
+
+    ``key`` names the stage's content; the combined file is cached as the base's key + key.
+    """
+    combined = f"{image.key}+{key}"
+    out = cache_root() / f"initramfs-{combined}.cpio"
+    with locked(f"overlay-{combined}"):
+        if not out.exists():
+            overlay = out.with_suffix(".overlay.tmp")
+            files = "\n".join(str(p.relative_to(stage)) for p in sorted(stage.rglob("*"))) + "\n"
+            proc.run(["cpio", "-o", "-H", "newc", "--quiet"], timeout, cwd=stage, input=files,
+                     stdout_path=overlay)
+            tmp = out.with_suffix(".tmp")
+            with open(tmp, "wb") as dst:
+                for part in (image.initramfs, overlay):
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+            overlay.unlink()
+            tmp.rename(out)
+    return replace(image, initramfs=out, key=combined)

@@ -77,6 +77,7 @@ class L1Shell:
             out = stdout.read().decode(errors="replace")
             err = stderr.read().decode(errors="replace")
             rc = stdout.channel.recv_exit_status()
+            stdout.channel.close()  # dropbear caps open channels per connection
         except (TimeoutError, paramiko.SSHException, EOFError, OSError) as e:
             raise StepTimeout(f"L1 command timed out or dropped after {timeout:g}s: "
                               f"{command[:60]!r} ({type(e).__name__})") from e

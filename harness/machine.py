@@ -236,6 +236,18 @@ class Machine:
             return []
         return [x for x in self.stderr_log.read_text(errors="replace").splitlines() if x.strip()]
 
+    def error_summary(self, n: int = 3) -> str:
+        """QEMU's last few stderr lines joined: the first often names the cause, the last the step."""
+        lines = self.error_lines()
+        return " | ".join(lines[-n:]) if lines else f"no stderr, exit status {self.returncode}"
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait (bounded) for QEMU to exit on its own; returns its status or None if still alive."""
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.returncode
+
     def error_line(self) -> str:
         lines = self.error_lines()
         errs = [x for x in lines if "error" in x.lower() or "fail" in x.lower()]

@@ -171,11 +171,13 @@ def destination_state(dst: Machine, timeout: float) -> tuple[str, str | None]:
     deadline = time.monotonic() + timeout
     while True:
         if not dst.alive():
-            return "exited", dst.error_line()
+            return "exited", dst.error_summary()
         try:
             status = dst.qmp("query-status", timeout=5)["status"]
         except QmpCommandError:
-            return ("exited", dst.error_line()) if not dst.alive() else ("unknown", None)
+            # QMP drops first when QEMU is on its way out after a failed load: let it finish.
+            dst.wait_exit(5.0)
+            return ("exited", dst.error_summary()) if not dst.alive() else ("unknown", None)
         if status != "inmigrate":
             return status, None
         if time.monotonic() > deadline:

@@ -1,9 +1,10 @@
-"""results.json (the one schema) and its views: console table, JUnit XML."""
+"""results.json (the one schema) and its views: console table, JUnit XML, TAP."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -72,4 +73,34 @@ def junit_xml(results: list[ScenarioResult], suite: str = "nestvirt") -> str:
             out.append(f"    <skipped message={quoteattr(msg[:300])}/>")
         out.append("  </testcase>")
     out.append("</testsuite>")
+    return "\n".join(out) + "\n"
+
+
+def tap(results: list[ScenarioResult], name: Callable[[ScenarioResult], str] | None = None) -> str:
+    """TAP version 13 in kselftest's shape: "ok N name", "ok N name # SKIP reason",
+    "not ok N name # TIMEOUT S seconds" or "# exit=RC", a "# reason" line under each failure
+    or error, and kselftest's "# Totals" line. ``name`` maps a result to its TAP name (id)."""
+    label = name or (lambda r: r.id)
+    out = ["TAP version 13", f"1..{len(results)}"]
+    for i, r in enumerate(results, 1):
+        n = label(r)
+        reason = " ".join(r.reason.split())  # one TAP line, whatever the reason holds
+        if r.verdict == "pass":
+            out.append(f"ok {i} {n}")
+        elif r.verdict == "skip":
+            out.append(f"ok {i} {n} # SKIP {reason}".rstrip())
+        else:
+            limit = r.metrics.get("timeout_s")
+            if r.metrics.get("timed_out"):
+                tail = f" # TIMEOUT {limit:g} seconds" if isinstance(limit, (int, float)) else " # TIMEOUT"
+            elif isinstance(r.metrics.get("exit_code"), int):
+                tail = f" # exit={r.metrics['exit_code']}"
+            else:
+                tail = ""
+            out.append(f"not ok {i} {n}{tail}")
+            if reason:
+                out.append(f"# {r.verdict}: {reason}")
+    count = {v: sum(r.verdict == v for r in results) for v in ("pass", "fail", "skip", "error")}
+    out.append(f"# Totals: pass:{count['pass']} fail:{count['fail']} xfail:0 xpass:0 "
+               f"skip:{count['skip']} error:{count['error']}")
     return "\n".join(out) + "\n"

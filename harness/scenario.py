@@ -248,9 +248,16 @@ class _ScenarioRun:
         with self.timer.phase("verify"):
             self._inject_after_migration()
             expected = "paused" if spec.paused else "running"
+            if outcome.dst_status == "exited" or not self.dst.alive():
+                self.dst.wait_exit(5.0)
             self.res.checks.append(ck.dst_qemu_alive(
                 self.dst.alive(), outcome.dst_status if self.dst.alive() else None, expected,
                 self.dst.error_lines()))
+            if not self.dst.alive():
+                # Nothing left to ask: the guest checks fail at once instead of timing out.
+                self.res.checks.append(ck.l1_ssh_on_dst(
+                    False, f"destination QEMU is gone ({spec.state} state migrated)"))
+                return
             if spec.paused:
                 self._check_identity()
             else:

@@ -7,7 +7,8 @@ from dataclasses import replace
 from .enlightenments import Profile, resolve_profile
 from .errors import UsageError
 from .migration import COMPRESSION_MODES, MigrationMode
-from .scenario import ScenarioSpec, Variant
+from .scenario import Runner, ScenarioSpec, Variant, run_variant
+from .vmexit import run_vmexit_variant
 
 _GUEST_CHECKS = ("migration-completed", "dst-qemu-alive", "l1-ssh-on-dst", "l1-workload-pattern",
                  "kernel-log-clean")
@@ -37,7 +38,18 @@ SCENARIOS: dict[str, ScenarioSpec] = {s.name: s for s in (
         state="nested", paused=True,
         checks=("migration-completed", "dst-qemu-alive", "ram-identical",
                 "vcpu-registers-identical")),
+    ScenarioSpec(
+        name="vmexit",
+        description="Cycles per nested exit (L2 CPUID/VMCALL/PIO, L1 CPUID) per enlightenment "
+                    "profile, and after migrating L1",
+        state="nested", l1_workload=False,
+        checks=("vmexit-loop", "l1-sees-enlightenments", "l1-uses-evmcs", "evmcs-log-clean",
+                "migration-completed", "dst-qemu-alive", "l2-cpuid-not-slower-after-migration")),
 )}
+
+# Scenarios measured with one migration mode unless --compression names another (the mode is
+# not what they are about, and each extra mode would repeat the whole measurement).
+SINGLE_MODE = {"vmexit": "multifd-zstd"}
 
 # The default smoke suite: plain and nested for every mode, plus one identity run.
 SMOKE = (("migrate-plain", None), ("migrate-nested", None), ("migrate-paused-identity", "none"))
@@ -52,7 +64,7 @@ def expand(names: list[str], compression: str | None, knobs: dict,
     if compression is not None and compression not in COMPRESSION_MODES:
         raise UsageError(f"unknown compression mode '{compression}' "
                          f"(choose from {', '.join(COMPRESSION_MODES)})")
-    wanted = [(n, None) for n in names] if names else list(SMOKE)
+    wanted = [(n, SINGLE_MODE.get(n)) for n in names] if names else list(SMOKE)
     variants = []
     for name, fixed in wanted:
         modes = [compression] if compression else ([fixed] if fixed else list(COMPRESSION_MODES))
@@ -73,3 +85,10 @@ def apply_profile(variants: list[Variant], run_profile: Profile, *, l1_nested: s
             p = run_profile
         out.append(replace(v, profile=p))
     return out
+
+
+def runner_for(variant: Variant) -> Runner:
+    """The engine that runs a variant: vmexit has its own, every other scenario run_variant."""
+    if variant.spec.name == "vmexit":
+        return run_vmexit_variant
+    return run_variant

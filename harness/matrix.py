@@ -181,13 +181,13 @@ def parse_matrix(doc: Any, source: str) -> MatrixSpec:
     unknown = set(doc) - {FORMAT_KEY, "name", "description", "defaults", "include", "exclude"}
     if unknown:
         raise UsageError(f"{where}: unknown top-level key '{sorted(unknown)[0]}'")
-    defaults = _axes(doc.get("defaults") or {}, f"{where}: defaults", partial=True)
+    defaults = _axes(doc.get("defaults") or {}, f"{where}: defaults")
     include = doc.get("include")
     if not isinstance(include, list) or not include:
         raise UsageError(f"{where}: 'include' must be a non-empty list of axis blocks")
     blocks = []
     for i, block in enumerate(include):
-        merged = {**defaults, **_axes(block, f"{where}: include[{i}]", partial=True)}
+        merged = {**defaults, **_axes(block, f"{where}: include[{i}]")}
         for req in _REQUIRED:
             if req not in merged:
                 raise UsageError(f"{where}: include[{i}]: needs '{req}'")
@@ -198,14 +198,14 @@ def parse_matrix(doc: Any, source: str) -> MatrixSpec:
             raise UsageError(f"{where}: exclude[{i}]: expected a mapping")
         reason = ex.get("reason", "")
         body = {k: v for k, v in ex.items() if k != "reason"}
-        _axes(body, f"{where}: exclude[{i}]", partial=True)
+        _axes(body, f"{where}: exclude[{i}]")
         excludes.append({"reason": str(reason), "match": body})
     return MatrixSpec(name=str(doc.get("name") or Path(source).stem), source=source,
                       description=str(doc.get("description") or ""), blocks=tuple(blocks),
                       excludes=tuple(excludes))
 
 
-def _axes(block: Any, where: str, partial: bool) -> dict[str, list[Any]]:
+def _axes(block: Any, where: str) -> dict[str, list[Any]]:
     """Normalise one block: every axis becomes a list of checked values."""
     if not isinstance(block, dict):
         raise UsageError(f"{where}: expected a mapping of axes")

@@ -127,7 +127,7 @@ class SelftestBuild:
 def kernel_banner(image: Path) -> str:
     """The version string an x86 bzImage carries in its setup header ("" if it has none)."""
     with open(image, "rb") as f:
-        head = f.read(0x4000)
+        head = f.read(0x10000)  # the string sits in the setup code: at most 64 sectors + 512
     if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
         return ""
     (offset,) = struct.unpack_from("<H", head, 0x20E)
@@ -300,8 +300,9 @@ def _build_tree(tree: Path, source: str, key: str, jobs: int, timeout: float,
         one = proc.run([*make, str(binary)], timeout, env=env, check=False)
         log = logs / f"{name}.log"
         log.write_text(one.stdout + one.stderr)
-        tests.append(BuiltTest(name, rel, None, kselftest.first_build_error(one.stdout + one.stderr),
-                               log))
+        # Paths relative to the tree: the copy it was built in is gone once the build is done.
+        error = kselftest.first_build_error(one.stdout + one.stderr).replace(f"{src}/", "")
+        tests.append(BuiltTest(name, rel, None, error, log))
     timings["failed_rebuilds"] = round(time.monotonic() - t0, 2)
     settings = kvm / "settings"
     manifest = {"key": key, "source": source, "tree": str(tree), "timings": timings,

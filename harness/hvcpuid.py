@@ -439,3 +439,15 @@ def evmcs_log_clean(dmesg_text: str, *, max_shown: int = 3) -> Check:
         more = f" (+{len(bad) - max_shown} more)" if len(bad) > max_shown else ""
         return Check(name, False, " | ".join(bad[:max_shown]) + more)
     return Check(name, True, "no eVMCS warnings")
+
+
+def enlightenment_checks(expected: HvExpectation, cpuid_dump: str, dmesg_text: str) -> list[Check]:
+    """The in-L1 checks for a profile with hv-* flags: CPUID seen, eVMCS in use, log clean."""
+    try:
+        found = [l1_sees_enlightenments(expected, decode_l1_cpuid(cpuid_dump))]
+    except ValueError as e:  # a garbled dump is a failed check, not a crash of the run
+        found = [Check("l1-sees-enlightenments", False, f"cpuid dump unreadable: {e}")]
+    if "hv-evmcs" in expected.flags:
+        found.append(l1_uses_evmcs(dmesg_text))
+    found.append(evmcs_log_clean(dmesg_text))
+    return found

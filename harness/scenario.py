@@ -21,7 +21,7 @@ from . import checks as ck
 from .enlightenments import Profile, host_support, qemu_cpu_suffix, same_enlightenments
 from .errors import NestvirtError, StepTimeout
 from .guests import L1Image
-from .hvcpuid import supported_hv_flags
+from .hvcpuid import enlightenment_checks, supported_hv_flags
 from .l1 import L1Shell, RunKey
 from .machine import Machine, MachineConfig, QmpCommandError
 from .migration import MigrationMode, MigrationOutcome, migrate, summarize_stats
@@ -373,6 +373,11 @@ class _ScenarioRun:
         dmesg_after = sh.run("dmesg", 15).out
         new = ck.new_log_lines(dmesg_before, dmesg_after) + self._console_new_lines()
         add(ck.kernel_log_clean(new))
+        if self.variant.profile.names:
+            # Judged on the destination, after migration and with L2 having run there.
+            dump = sh.run("nvmm cpuid-dump", 15)
+            (self.workdir / "l1-cpuid-dst.txt").write_text(dump.out + dump.err)
+            self.res.checks += enlightenment_checks(self.variant.profile, dump.out, dmesg_after)
         for name, path in (("l2-serial.log", "/run/l2-serial.log"),
                            ("l1-dmesg-dst.txt", None)):
             text = dmesg_after if path is None else sh.run(f"cat {path} 2>/dev/null", 10).out

@@ -27,13 +27,7 @@ from typing import Any
 from . import checks as ck
 from .enlightenments import Profile, host_support, qemu_cpu_suffix, resolve_profile
 from .errors import NestvirtError, StepTimeout, UsageError
-from .hvcpuid import (
-    decode_l1_cpuid,
-    evmcs_log_clean,
-    l1_sees_enlightenments,
-    l1_uses_evmcs,
-    supported_hv_flags,
-)
+from .hvcpuid import decode_l1_cpuid, enlightenment_checks, supported_hv_flags
 from .l1 import L1Shell, RunKey
 from .machine import Machine, QmpCommandError
 from .migration import MigrationMode, migrate, summarize_stats
@@ -615,13 +609,7 @@ class _VmexitRun:
         dmesg = l1.shell.run("dmesg", 15).out
         (self.workdir / f"{l1.machine.config.name}-dmesg.txt").write_text(dmesg)
         dump = l1.shell.run("nvmm cpuid-dump", 15).out
-        try:
-            found = [l1_sees_enlightenments(p, decode_l1_cpuid(dump))]
-        except ValueError as e:  # a garbled dump is a failed check, not a crash of the run
-            found = [ck.Check("l1-sees-enlightenments", False, f"cpuid dump unreadable: {e}")]
-        if "hv-evmcs" in p.flags:
-            found.append(l1_uses_evmcs(dmesg))
-        found.append(evmcs_log_clean(dmesg))
+        found = enlightenment_checks(p, dump, dmesg)
         self.res.checks += [replace(c, name=f"{c.name}@{p.name}") for c in found]
 
     # -- steps --------------------------------------------------------------------------------

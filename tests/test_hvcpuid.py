@@ -292,3 +292,14 @@ def test_evmcs_log_clean_caps_shown_lines():
     text = "\n".join(f"KVM: accessing unsupported EVMCS field {i}" for i in range(5))
     check = hc.evmcs_log_clean(text)
     assert not check.ok and check.detail.endswith("(+2 more)")
+
+
+def test_enlightenment_checks_bundle_fails_on_garbage_and_missing_evmcs():
+    from harness.enlightenments import get_profile
+    from harness.hvcpuid import enlightenment_checks
+
+    prof = get_profile("evmcs")
+    checks = enlightenment_checks(prof, "not a cpuid dump", "[ 1.0] kvm: no eVMCS here")
+    names = [c.name for c in checks]
+    assert names == ["l1-sees-enlightenments", "l1-uses-evmcs", "evmcs-log-clean"]
+    assert not checks[0].ok and not checks[1].ok and checks[2].ok

@@ -13,13 +13,28 @@ have make || need+=(make)
 have zstd || need+=(zstd)
 have dpkg-deb || need+=(dpkg)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
-if [ ${#need[@]} -eq 0 ]; then
+# The HTML report's test opens the page in a real headless browser (tests/test_reports.py).
+browser=""
+have chromium-headless-shell || have chromium || browser=wanted
+if [ ${#need[@]} -eq 0 ] && [ -z "$browser" ]; then
   echo "host packages: all present"
   exit 0
 fi
-echo "host packages: installing ${need[*]}"
+echo "host packages: installing ${need[*]} ${browser:+a headless chromium}"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+if [ ${#need[@]} -gt 0 ]; then
+  $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if [ -n "$browser" ]; then
+  # Debian 12+ ships the small headless-only build; elsewhere take the full browser.
+  for pkg in chromium-headless-shell chromium; do
+    if apt-cache show "$pkg" >/dev/null 2>&1; then
+      $SUDO apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null && break
+    fi
+  done
+  have chromium-headless-shell || have chromium ||
+    echo "host packages: no chromium package here: the HTML report's browser test will skip"
+fi

@@ -154,3 +154,10 @@ def vcpu_identical(src_regs: str, dst_regs: str) -> Check:
 def l2_starts_on_dst(rc: int | None, detail: str) -> Check:
     """After migrating a VM-holding L1, a fresh L2 must still run there."""
     return Check("l2-starts-on-dst", rc == 0, detail)
+
+
+def l1_responsive_on_dst(error: str | None) -> Check:
+    """Every guest-side step on the destination answered in time (a crashed L1 stops answering)."""
+    if error:
+        return Check("l1-responsive-on-dst", False, error)
+    return Check("l1-responsive-on-dst", True, "every guest step answered")

@@ -14,7 +14,7 @@ from typing import NoReturn
 from . import known, proc
 from .errors import SetupError, UsageError
 from .migration import COMPRESSION_MODES
-from .scenario import INJECTIONS, RunContext, ScenarioResult
+from .scenario import INJECTIONS, RunContext, ScenarioResult, Variant
 from .suite import SCENARIOS, SMOKE, apply_profile, expand, runner_for
 
 
@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deliberately break the run to prove a check catches it")
     _add_vmexit_parser(sub)
     _add_selftest_parser(sub)
+    # Matrix runs, parallel/repeated runs, replays (run options) and the matrix/report commands.
+    from .batch import add_commands, add_run_options
+
+    add_run_options(r)
+    add_commands(sub)
     return p
 
 
@@ -102,6 +107,9 @@ def _add_selftest_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--on", choices=("l1", "host"), default="l1",
                    help="l1: in the kernel under test, nested (default); host: on this host's "
                    "kernel, each test a skip with the probe's reason where it has no usable KVM")
+    s.add_argument("--mem", type=int, default=2048, metavar="MIB",
+                   help="L1 memory (default 2048: the memory tests map 1 GiB and more)")
+    s.add_argument("--smp", type=int, default=2, help="L1 vCPUs (default 2: some tests need two)")
     s.add_argument("--list", action="store_true", help="list the built tests and stop")
     s.add_argument("--out", type=Path, help="results directory (default results/<time>)")
     s.add_argument("--json", action="store_true", help="print results.json instead of a table")
@@ -112,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"doctor": cmd_doctor, "list": cmd_list, "run": cmd_run,
-                "vmexit": cmd_vmexit, "selftest": cmd_selftest}[args.cmd](args)
+                "vmexit": cmd_vmexit, "selftest": cmd_selftest, "matrix": cmd_matrix,
+                "report": cmd_report}[args.cmd](args)
     except (UsageError, SetupError) as e:
         print(f"nestvirt: error: {e}", file=sys.stderr)
         return 2
@@ -162,12 +171,15 @@ def _writable_out(out: Path | None) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .batch import cmd_run_batch, wants_batch
     from .enlightenments import resolve_profile
     from .guests import build_l1, build_tools
     from .kernel import find_kernel
     from .probe import probe
     from .results import console_table, exit_status, junit_xml, write_results
 
+    if wants_batch(args):
+        return cmd_run_batch(args)
     knobs = {"channels": args.channels, "threads": args.threads,
              "decompress_threads": args.decompress_threads, "level": args.level,
              "wait_thread": args.wait_thread == "on", "xbzrle_cache_mib": args.xbzrle_cache_mib,
@@ -196,6 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"[{i}/{len(variants)}] {v.id} ...", file=sys.stderr, flush=True)
             result = runner_for(v)(v, ctx)
             known.classify([result], sigs, facts.accel, facts.qemu.version)
+            _write_repro(result, v, image.to_json(), facts.to_json())
             results.append(result)
             write_results(out, facts.to_json(), results, run_info)
     finally:
@@ -211,6 +224,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_figures(results)
         print(f"results: {out / 'results.json'}")
     return exit_status(results)
+
+
+def _write_repro(result: ScenarioResult, variant: Variant, image: dict, host: dict) -> None:
+    """A failed variant leaves a repro bundle (variant.json, host.json, repro.sh) behind."""
+    from .matrix import variant_to_json
+    from .repro import BUNDLE_VERDICTS, write_bundle
+
+    if result.verdict in BUNDLE_VERDICTS and result.artifacts.get("dir"):
+        write_bundle(result, variant_to_json(variant), image, host)
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from .batch import cmd_matrix as run_matrix_command
+
+    return run_matrix_command(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .batch import cmd_report as run_report_command
+
+    return run_report_command(args)
 
 
 def _print_figures(results: list[ScenarioResult]) -> None:
@@ -280,6 +314,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout:g}: must be more than 0")
+    if args.mem < 256 or args.smp < 1:
+        raise UsageError("--mem must be at least 256 (MiB) and --smp at least 1")
     kernel = find_kernel(args.kernel, args.modules)
     t0 = time.monotonic()
     build = st.resolve_build(kernel, args.kernel_tree, args.selftests, st.note)
@@ -296,7 +332,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     facts = probe(args.accel)
     profile = resolve_profile(args.profile, None, l1_nested=facts.l1_nested, vendor=facts.vendor)
     timeout = args.timeout or build.timeout_s or st.DEFAULT_TIMEOUT_S
-    plan = st.SelftestPlan(build, tuple(names), timeout, args.on, profile)
+    plan = st.SelftestPlan(build, tuple(names), timeout, args.on, profile, args.mem, args.smp)
     if facts.accel != "kvm":
         print(f"nestvirt: accel {facts.accel}: {facts.accel_reason}", file=sys.stderr)
     run_info = {"argv": sys.argv, "started": time.strftime("%FT%T%z"), "out": str(out),

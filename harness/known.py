@@ -27,12 +27,24 @@ class Signature:
     description: str
     accel: str | None = None
     qemu_version: str | None = None  # prefix of the probe's QEMU version
+    metrics_min: dict[str, float] | None = None  # dotted metric path -> least value seen in it
+    link: str = ""
 
     def matches(self, r: ScenarioResult, accel: str, qemu_version: str) -> bool:
         return (r.verdict == "fail" and fnmatch.fnmatchcase(r.id, self.variants)
                 and (self.accel is None or self.accel == accel)
                 and (self.qemu_version is None or qemu_version.startswith(self.qemu_version))
-                and re.search(self.evidence, r.reason) is not None)
+                and re.search(self.evidence, r.reason) is not None
+                and all(_metric(r.metrics, k) >= v for k, v in (self.metrics_min or {}).items()))
+
+
+def _metric(metrics: dict, dotted: str) -> float:
+    cur: object = metrics
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return float("-inf")  # absent evidence never matches
+        cur = cur[part]
+    return float(cur) if isinstance(cur, (int, float)) else float("-inf")
 
 
 def load(path: Path = DEFAULT_FILE) -> list[Signature]:

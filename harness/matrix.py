@@ -20,8 +20,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
 from .enlightenments import (
     Profile,
     dependency_problems,
@@ -162,6 +160,8 @@ def is_matrix_file(path: Path) -> bool:
 
 def load_matrix(path: Path) -> MatrixSpec:
     """Parse and check a matrix file; UsageError (one line, naming the spot) on bad input."""
+    import yaml  # here, not at the top: only matrix runs need PyYAML
+
     try:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
@@ -372,6 +372,8 @@ def inject_reason(spec: ScenarioSpec) -> str | None:
     inj = spec.inject
     if inj is None:
         return None
+    if spec.name == "vmexit":
+        return "vmexit measures exit costs and runs none of the checks an inject breaks"
     if inj == "run-dst-before-compare" and not spec.paused:
         return f"inject {inj} needs a paused migration (migrate-paused-identity)"
     if spec.paused and inj in ("corrupt-l1", "corrupt-l2", "stop-l2", "kernel-warning", "ssh-down"):

@@ -34,6 +34,7 @@ from .matrix import Resources, variant_from_json
 from .probe import HostFacts
 from .repro import BUNDLE_VERDICTS, image_from_json, write_bundle
 from .scenario import RunContext, ScenarioResult, run_variant
+from .suite import runner_for
 
 RECORD = "record.json"
 # Verdicts that count as a failure of the system under test in repeat statistics.
@@ -234,7 +235,8 @@ def context(job: Job) -> RunContext:
 def skip_reason(job: Job, budget: HostBudget | None) -> str | None:
     """Why this job will be a skip without starting anything (host can't), or None."""
     variant = variant_from_json(job.variant)
-    reason = context(job).unsupported_reason(variant)
+    reason = (context(job).unsupported_reason(variant) if runner_for(variant) is run_variant
+              else None)
     if reason is None and budget is not None:
         reason = budget.never_fits(job.needs)
     return reason
@@ -249,9 +251,12 @@ def execute_job(job: Job, budget: HostBudget | None = None) -> dict[str, Any]:
     """
     ctx = context(job)
     variant = variant_from_json(job.variant)
+    runner = runner_for(variant)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    host_reason = ctx.unsupported_reason(variant) or (budget.never_fits(job.needs) if budget
-                                                      else None)
+    # run_variant's own skip check, done before holding any budget; other engines (vmexit)
+    # decide per profile themselves.
+    host_reason = (ctx.unsupported_reason(variant) if runner is run_variant else None) or (
+        budget.never_fits(job.needs) if budget else None)
     if host_reason:
         res = ScenarioResult(id=job.id, scenario=variant.spec.name, verdict="skip",
                              reason=host_reason, params=variant.params())
@@ -260,9 +265,9 @@ def execute_job(job: Job, budget: HostBudget | None = None) -> dict[str, Any]:
         res.artifacts = {"dir": str(workdir), "files": []}
     elif budget is not None:
         with budget.hold(job.needs, job.id):
-            res = run_variant(variant, ctx)
+            res = runner(variant, ctx)
     else:
-        res = run_variant(variant, ctx)
+        res = runner(variant, ctx)
     res.id = job.id
     if job.of > 1:
         res.metrics["attempt"] = {"n": job.attempt, "of": job.of}
@@ -334,13 +339,16 @@ def run_jobs(jobs: list[Job], *, parallel: int, budget: HostBudget,
     waited_since = 0.0
     try:
         while pending or running:
-            while pending and not stopping and len(running) < max(1, parallel):
+            while pending and not stopping:
                 job = pending[0]
                 if execute is None and skip_reason(job, budget):
+                    # Nothing to start: judged inline at once, without taking a slot.
                     pending.pop(0)
                     if not on_done(job, execute_job(job, budget)):
                         stopping = True
                     continue
+                if len(running) >= max(1, parallel):
+                    break
                 r = budget.try_acquire(job.needs, job.id)
                 if r is None:
                     # Wait for room (a running job ending, or someone else's), but not forever.

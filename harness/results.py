@@ -15,10 +15,13 @@ SCHEMA_VERSION = 1
 
 
 def write_results(out: Path, host: dict, results: list[ScenarioResult],
-                  run_info: dict[str, Any]) -> Path:
-    """Write OUT/results.json atomically (a Ctrl-C mid-run still leaves the scenarios done)."""
+                  run_info: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write OUT/results.json atomically (a Ctrl-C mid-run still leaves the scenarios done).
+
+    ``extra`` adds top-level keys (matrix runs: "matrix", "pruned", "repeats").
+    """
     doc = {"schema": SCHEMA_VERSION, "run": run_info, "host": host,
-           "scenarios": [r.to_json() for r in results]}
+           "scenarios": [r.to_json() for r in results], **(extra or {})}
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2, default=str))
@@ -104,3 +107,30 @@ def tap(results: list[ScenarioResult], name: Callable[[ScenarioResult], str] | N
     out.append(f"# Totals: pass:{count['pass']} fail:{count['fail']} xfail:0 xpass:0 "
                f"skip:{count['skip']} error:{count['error']}")
     return "\n".join(out) + "\n"
+
+
+def result_from_json(d: dict[str, Any]) -> ScenarioResult:
+    """One scenarios[] entry of results.json back as a ScenarioResult (inverse of to_json)."""
+    from .checks import Check
+
+    return ScenarioResult(
+        id=str(d["id"]), scenario=str(d.get("scenario", "")), verdict=str(d.get("verdict", "")),
+        reason=str(d.get("reason", "")), params=dict(d.get("params") or {}),
+        durations=dict(d.get("durations") or {}), metrics=dict(d.get("metrics") or {}),
+        checks=[Check(str(c["name"]), bool(c["ok"]), str(c.get("detail", "")))
+                for c in d.get("checks") or []],
+        artifacts=dict(d.get("artifacts") or {}))
+
+
+def load_results(path: Path) -> tuple[dict[str, Any], list[ScenarioResult]]:
+    """Read a results.json: the whole document and its scenarios as ScenarioResults.
+
+    Raises ValueError (with the path) when the file is not a results document.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+        if not isinstance(doc, dict) or not isinstance(doc.get("scenarios"), list):
+            raise ValueError("no 'scenarios' list")
+        return doc, [result_from_json(s) for s in doc["scenarios"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a nestvirt results.json ({e})") from e

@@ -47,9 +47,13 @@ GUEST_DIR = "/usr/lib/kselftest"
 GUEST_RUNNER = f"{GUEST_DIR}/run-one"
 OUTPUT_MAX = 1 << 20  # bytes of a test's output brought back; the rest is cut, and said so
 # What the guest runner may take beyond the test's own deadline (dmesg, cat, SSH under TCG).
-RUNNER_GRACE_S = 20.0
+RUNNER_GRACE_S = 10.0
 L1_RESTARTS = 3
 DEFAULT_TIMEOUT_S = 120.0  # kselftest's kvm/settings value in 6.1, used when a build has none
+# The memory tests map 1 GiB or more of guest memory (ENOMEM in a 512 MiB L1), and
+# max_guest_memory_test and rseq_test need two CPUs. TCG allocates L1's RAM lazily.
+L1_MEM_MIB = 2048
+L1_SMP = 2
 
 # Runs one selftest in its own session and kills the session at the deadline. The flag is
 # written before the kill, so "flag and status 137" means the deadline killed it, while a
@@ -86,6 +90,8 @@ class SelftestPlan:
     timeout_s: float
     on: str = "l1"  # "l1" or "host"
     profile: Profile = NO_PROFILE
+    mem_mib: int = L1_MEM_MIB
+    smp: int = L1_SMP
 
     def tests(self) -> list[BuiltTest]:
         return [self.build.get(n) for n in self.names]
@@ -215,6 +221,7 @@ class _L1:
 
     def __init__(self, ctx: RunContext, plan: SelftestPlan, mem_mib: int) -> None:
         self.ctx, self.plan, self.mem_mib = ctx, plan, mem_mib
+        self.smp = plan.smp
         self.boots = 0
         self.machine: Machine | None = None
         self.shell: L1Shell | None = None
@@ -228,7 +235,7 @@ class _L1:
         key = RunKey.generate()
         key.save(workdir / f"{name}-id_ecdsa")
         self.machine = launch_l1(self.ctx, name, workdir, key, cpu=self.ctx.l1_cpu(self.plan.profile),
-                                 mem_mib=self.mem_mib)
+                                 mem_mib=self.mem_mib, smp=self.smp)
         ready = self.machine.wait_guest_event("ready", self.ctx.boot_timeout)
         if ready.get("kvm") != "yes":
             raise StepTimeout(f"L1 has no /dev/kvm (module {ready.get('module')}, "
@@ -251,11 +258,17 @@ class _L1:
                 why = f"L1's QEMU exited: {self.machine.error_line()}"
                 self.stop()
                 return TestRun(None, why + "\n", seconds), console, {"l1_exited": True}
-            self.stop()
             # The in-guest deadline did not fire either: L1 itself is stuck, so a timeout.
+            # Where its vCPUs are is the one clue left for a person.
+            extra: dict[str, Any] = {"l1_unresponsive": True}
+            try:
+                extra["l1_registers"] = self.machine.hmp("info registers -a", timeout=10)
+            except QmpCommandError as qe:
+                extra["l1_registers"] = f"(info registers failed: {qe})"
+            self.stop()
             run = TestRun(None, f"(no output: L1 stopped answering: {e})\n", seconds, timed_out=True)
-            return run, console, {"l1_unresponsive": True}
-        run = parse_runner_output(r.out + r.err, r.rc)
+            return run, ["[nestvirt: L1 stopped answering; its last console lines:]", *console], extra
+        run = parse_runner_output(r.out, r.rc, r.err)
         after = sh.run("dmesg", 15).out
         return run, ck.new_log_lines(before, after), {"wall_seconds": round(time.monotonic() - t0, 3)}
 
@@ -271,16 +284,18 @@ class _L1:
             self.machine = None
 
 
-def parse_runner_output(text: str, rc: int) -> TestRun:
-    """The guest runner's stdout -> TestRun; a missing trailer means the runner itself failed."""
+def parse_runner_output(text: str, rc: int, err: str = "") -> TestRun:
+    """The guest runner's stdout (and stderr) -> TestRun; no trailer = the runner failed."""
     head, _, rest = text.partition("\n")
     m = _TRAILER.match(head)
     if not m:
-        return TestRun(None, f"(runner failed with exit {rc}: {text.strip()[:500]})\n", 0.0)
+        return TestRun(None, f"(runner failed with exit {rc}: {(text + err).strip()[:500]})\n", 0.0)
     status, timed_out, t0, t1, size = m.groups()
     output = rest
     if int(size) > OUTPUT_MAX:
         output += f"\n[nestvirt: output cut at {OUTPUT_MAX} of {size} bytes]\n"
+    if err.strip():  # the runner's shell, e.g. "Killed" after a deadline
+        output += "".join(f"[runner] {ln}\n" for ln in err.strip().splitlines())
     return TestRun(int(status), output, max(0.0, float(t1) - float(t0)), timed_out == "1")
 
 
@@ -320,8 +335,8 @@ def run_in_l1(plan: SelftestPlan, ctx: RunContext, progress: Progress | None = N
     if runnable:
         image = selftest_image(ctx.image, runnable)
         overlay_mib = (image.initramfs.stat().st_size - ctx.image.initramfs.stat().st_size) >> 20
-        # Room for the unpacked overlay twice (archive + files) on top of a normal L1.
-        mem = 512 + -(-2 * overlay_mib // 64) * 64
+        # Room for the unpacked overlay twice (archive + files) on top of what was asked.
+        mem = plan.mem_mib + -(-2 * overlay_mib // 64) * 64
         l1 = _L1(replace(ctx, image=image), plan, mem)
         try:
             _run_all(l1, plan, runnable, ctx.out, results, progress)
@@ -349,7 +364,12 @@ def _run_all(l1: _L1, plan: SelftestPlan, runnable: list[BuiltTest], out: Path,
                 return
         run, dmesg, extra = l1.run(t)
         extra["l1_boot"] = l1.boots
-        results[t.name] = judge(t, plan, run, dmesg, _workdir(out, t), extra)
+        workdir = _workdir(out, t)
+        registers = extra.pop("l1_registers", None)
+        if registers is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "l1-registers.txt").write_text(registers)
+        results[t.name] = judge(t, plan, run, dmesg, workdir, extra)
 
 
 def _profile_skip(profile: Profile, host: HostFacts) -> str | None:

@@ -10,7 +10,8 @@ from .migration import COMPRESSION_MODES, MigrationMode
 from .scenario import Runner, ScenarioSpec, Variant, run_variant
 from .vmexit import run_vmexit_variant
 
-_GUEST_CHECKS = ("migration-completed", "dst-qemu-alive", "l1-ssh-on-dst", "l1-workload-pattern",
+_GUEST_CHECKS = ("migration-completed", "dst-qemu-alive", "l1-ssh-on-dst", "l1-responsive-on-dst",
+                 "l1-workload-pattern",
                  "kernel-log-clean")
 
 SCENARIOS: dict[str, ScenarioSpec] = {s.name: s for s in (

@@ -84,3 +84,8 @@ def test_vcpu_identical():
 def test_l2_starts_on_dst():
     assert ck.l2_starts_on_dst(0, "2 reports").ok
     assert not ck.l2_starts_on_dst(1, "KVM_RUN failed").ok
+
+
+def test_l1_responsive_on_dst():
+    assert ck.l1_responsive_on_dst(None).ok
+    assert not ck.l1_responsive_on_dst("L1 command timed out after 25s").ok

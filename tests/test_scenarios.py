@@ -7,44 +7,44 @@ outcome as "QEMU flaked", retry, and otherwise assert what the harness reported.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
 
 import pytest
 
+from harness import known
 from harness.migration import COMPRESSION_MODES, MigrationMode
 from harness.scenario import RunContext, ScenarioResult, Variant, run_variant
 from harness.suite import SCENARIOS
 
 pytestmark = pytest.mark.qemu
 
-MIGRATION_CHECKS = {"migration-completed", "dst-qemu-alive"}
-GUEST_DAMAGE = re.compile(r"general protection|BUG:|Oops|corruption|NX-protected|Kernel panic")
+SIGNATURES = known.load()
 
 
-def qemu_flaked(r: ScenarioResult) -> bool:
+def qemu_flaked(r: ScenarioResult, host) -> bool:
     """QEMU, not the harness, broke the run, and the harness said so with QEMU's evidence.
 
-    Either the destination refused the stream (QEMU's own error line is in the result) or
-    L1's kernel on the destination crashed after migration (its oops line is in the result).
+    Judged by the shipped known-issue signatures (ci/known-issues.json), each of which needs
+    the evidence in the result: the destination's own refusal line, or L1's oops after a
+    migration that needed 4+ dirty syncs (QEMU 7.2 TCG loses writes there).
     """
-    failed = {c.name for c in r.checks if not c.ok}
-    if r.verdict != "fail" or not failed:
-        return False
-    refused = failed <= MIGRATION_CHECKS | {"l1-ssh-on-dst"} and (
-        "dst_error" in r.metrics or "exited" in r.reason)
-    crashed = "kernel-log-clean" in failed and bool(GUEST_DAMAGE.search(r.reason))
-    return refused or crashed
+    probe_copy = dataclasses.replace(r, checks=list(r.checks))
+    known.classify([probe_copy], SIGNATURES, host.accel, host.qemu.version)
+    return probe_copy.verdict == "known-issue"
 
 
 def run(ctx: RunContext, scenario: str, compression: str = "none", inject: str | None = None,
-        attempts: int = 3, **knobs) -> ScenarioResult:
+        attempts: int = 3, rate: int = 8, **knobs) -> ScenarioResult:
     from dataclasses import replace
 
-    spec = replace(SCENARIOS[scenario], inject=inject)
+    # 8 MiB/s of L1 dirtying keeps even zlib and legacy compress near 3 dirty syncs; more
+    # syncs meet QEMU 7.2 TCG's lost-write bug (ci/known-issues.json), which the harness
+    # reports as it should but which would make these tests of the harness flaky.
+    spec = replace(SCENARIOS[scenario], inject=inject, l1_rate_mib_s=rate)
     for _ in range(attempts):
         r = run_variant(Variant(spec, MigrationMode(compression, **knobs)), ctx)
-        if not qemu_flaked(r):
+        if not qemu_flaked(r, ctx.host):
             return r
     pytest.skip(f"QEMU broke the migration {attempts} times (reported as fail): {r.reason[:300]}")
 

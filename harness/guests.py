@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 import os
 import re
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -211,25 +213,36 @@ def _copy_with_libs(binary: Path, stage: Path) -> None:
         shutil.copy2(lib.resolve(), target)
 
 
-def with_overlay(image: L1Image, stage: Path, key: str, timeout: float = 120) -> L1Image:
-    """``image`` whose initramfs also holds the files under ``stage`` (an extra newc archive
-    appended: the kernel unpacks concatenated archives in order, later files win).
+def with_overlay(image: L1Image, key: str, populate: Callable[[Path], None],
+                 directory: Path | None = None, timeout: float = 120) -> L1Image:
+    """``image`` whose initramfs also holds the files ``populate(stage)`` writes under stage
+    (an extra newc archive appended: the kernel unpacks concatenated archives in order).
 
-    ``key`` names the stage's content; the combined file is cached as the base's key + key.
+    ``key`` names the overlay's content. The combined file goes to ``directory`` (the caller
+    owns and removes it), else into the cache as the base's key + key, where populate runs
+    only when that file is not there yet.
     """
     combined = f"{image.key}+{key}"
-    out = cache_root() / f"initramfs-{combined}.cpio"
-    with locked(f"overlay-{combined}"):
+    out = (directory or cache_root()) / f"initramfs-{combined}.cpio"
+    # Only the shared cache needs a lock: a caller's own directory has one writer.
+    with locked(f"overlay-{combined}") if directory is None else contextlib.nullcontext():
         if not out.exists():
-            overlay = out.with_suffix(".overlay.tmp")
-            files = "\n".join(str(p.relative_to(stage)) for p in sorted(stage.rglob("*"))) + "\n"
-            proc.run(["cpio", "-o", "-H", "newc", "--quiet"], timeout, cwd=stage, input=files,
-                     stdout_path=overlay)
-            tmp = out.with_suffix(".tmp")
-            with open(tmp, "wb") as dst:
-                for part in (image.initramfs, overlay):
-                    with open(part, "rb") as src:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-            overlay.unlink()
-            tmp.rename(out)
+            stage = out.parent / f"stage-{combined}"
+            shutil.rmtree(stage, ignore_errors=True)
+            stage.mkdir()
+            try:
+                populate(stage)
+                overlay = out.with_suffix(".overlay.tmp")
+                files = "\n".join(str(p.relative_to(stage)) for p in sorted(stage.rglob("*"))) + "\n"
+                proc.run(["cpio", "-o", "-H", "newc", "--quiet"], timeout, cwd=stage, input=files,
+                         stdout_path=overlay)
+                tmp = out.with_suffix(".tmp")
+                with open(tmp, "wb") as dst:
+                    for part in (image.initramfs, overlay):
+                        with open(part, "rb") as src:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                overlay.unlink()
+                tmp.rename(out)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
     return replace(image, initramfs=out, key=combined)

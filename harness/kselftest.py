@@ -1,7 +1,7 @@
 """The kselftest protocol as pure functions: exit codes, skip and failure reasons, selection.
 
 Nothing here runs anything: callers hand in what a selftest printed and how it ended (a
-``TestRun``), or a build log, and get verdicts and one-line reasons back. Recorded outputs
+``SelftestRun``), or a build log, and get verdicts and one-line reasons back. Recorded outputs
 under tests/data/selftests/ pin the parsing.
 """
 
@@ -37,7 +37,7 @@ _BACKTRACE = re.compile(r"^\s+\d+\t")
 
 
 @dataclass(frozen=True)
-class TestRun:
+class SelftestRun:
     """How one selftest ended: exit status (None if it never reported one), output, time.
 
     ``timed_out`` is True only when the runner killed it at its deadline.
@@ -57,7 +57,7 @@ class Outcome:
     reason: str
 
 
-def classify(run: TestRun, timeout_s: float) -> Outcome:
+def classify(run: SelftestRun, timeout_s: float) -> Outcome:
     """Map a selftest's ending to a verdict: 0 pass, 4 skip, anything else fail.
 
     A timeout is a fail whatever status the kill produced, with reason "timeout after S s";

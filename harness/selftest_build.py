@@ -170,6 +170,8 @@ def _fetch_debian_source(package: str, version: str | None, timeout: float) -> t
             return done.parent / info["top"], info
     if not shutil.which("apt-get"):
         raise SetupError(f"apt-get is missing to fetch {package}: pass --kernel-tree or --selftests")
+    if not shutil.which("xz"):
+        raise SetupError(f"xz is needed to unpack {package} (apt-get install xz-utils)")
     dl = root / ".download"
     shutil.rmtree(dl, ignore_errors=True)
     dl.mkdir()

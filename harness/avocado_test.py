@@ -19,8 +19,7 @@ if _REPO not in sys.path:
 
 from avocado import Test  # noqa: E402 - after the path fix above
 
-from harness.parallel import HostBudget, Job, execute_job  # noqa: E402
-from harness.pytest_plugin import failure_text  # noqa: E402
+from harness.parallel import HostBudget, Job, execute_job, failure_text  # noqa: E402
 
 
 class NestvirtVariant(Test):

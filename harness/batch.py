@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -108,8 +109,10 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     # Everything the user typed is checked before anything starts.
     vdoc = matrix = variants = None
     if args.variant_json:
-        if args.matrix or args.scenarios:
-            raise UsageError("--variant-json runs one exact variant: no SCENARIO or --matrix")
+        if (args.matrix or args.scenarios or args.compression or args.inject or args.profile
+                or args.hv):
+            raise UsageError("--variant-json runs one exact variant: no SCENARIO, --matrix, "
+                             "--compression, --inject, --profile or --hv")
         vdoc = load_variant_file(args.variant_json)
         variant = variant_from_json(vdoc["variant"])
     elif args.matrix:
@@ -149,7 +152,8 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     parallel = args.jobs if args.jobs else (budget.cpus if args.jobs == 0 else 1)
     jobs = make_jobs(plan, repeat, out, facts.to_json(), image.to_json(), signatures_json(sigs))
     run_info = {"argv": sys.argv, "started": time.strftime("%FT%T%z"), "image": image.to_json(),
-                "out": str(out), "jobs": parallel, "repeat": repeat, "until_fail": args.until_fail,
+                "out": str(out), "pid": os.getpid(), "jobs": parallel, "repeat": repeat,
+                "until_fail": args.until_fail,
                 "budget": {"cpus": budget.cpus, "mem_reserve_mib": budget.mem_reserve_mib}}
     extra: dict[str, Any] = {"matrix": {"name": plan.name, "source": plan.source,
                                         "variants": len(plan.variants)},

@@ -287,19 +287,37 @@ def write_record(job: Job, res: ScenarioResult) -> dict[str, Any]:
     return record
 
 
+def failure_text(record: dict[str, Any]) -> str:
+    """What a runner shows for a failed variant: verdict, failed checks, where to look."""
+    r = record["result"]
+    lines = [f"{r['id']}: {r['verdict'].upper()}"]
+    failed = [c for c in r.get("checks", []) if not c["ok"]]
+    lines += [f"  {c['name']}: {c['detail']}" for c in failed] or [f"  {r['reason']}"]
+    art = r.get("artifacts", {})
+    if art.get("dir"):
+        lines.append(f"  artefacts: {art['dir']}")
+    if art.get("repro"):
+        lines.append(f"  reproduce: {art['repro']}")
+    return "\n".join(lines)
+
+
 def error_record(job: Job, reason: str) -> dict[str, Any]:
     """The record of a job whose worker could not report (crashed, killed, unusable job)."""
     variant = job.variant.get("spec", {}).get("name", job.id.split("/")[0])
     res = ScenarioResult(id=job.id, scenario=variant, verdict="error", reason=reason[:1000])
-    res.artifacts = {"dir": job.out, "files": []}
+    # Its own dir: job.out may be the run's root, shared with other jobs.
+    res.artifacts = {"dir": str(Path(job.out) / slug(job.id)), "files": []}
     return write_record(job, res)
 
 
-def collect_records(root: Path) -> list[dict[str, Any]]:
-    """Every record.json under ``root`` (pytest workers, avocado tasks), in input order."""
+def collect_records(root: Path, since: float | None = None) -> list[dict[str, Any]]:
+    """Every record.json under ``root`` (pytest workers, avocado tasks), in input order;
+    with ``since`` (epoch seconds) only those written from then on (this session's)."""
     records = []
     for path in root.rglob(RECORD):
         try:
+            if since is not None and path.stat().st_mtime < since:
+                continue
             records.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue  # a worker killed mid-write left nothing usable

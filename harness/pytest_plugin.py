@@ -16,6 +16,8 @@ order) and writes junit.xml, results.tap and report.html beside it.
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,15 @@ import pytest
 
 from .errors import NestvirtError
 from .matrix import PlannedVariant, expand_matrix, is_matrix_file, load_matrix, variant_to_json
-from .parallel import HostBudget, Job, collect_records, execute_job, job_out, signatures_json
+from .parallel import (
+    HostBudget,
+    Job,
+    collect_records,
+    execute_job,
+    failure_text,
+    job_out,
+    signatures_json,
+)
 
 OUT_KEY = pytest.StashKey[Path]()
 RUN_KEY = pytest.StashKey["_NestvirtSession"]()
@@ -87,7 +97,14 @@ class _NestvirtSession:
         self._facts: Any = None
         self._image: Any = None
         self._sigs: Any = None
-        self.budget = HostBudget()
+        self._budget: HostBudget | None = None
+
+    @property
+    def budget(self) -> HostBudget:
+        # Lazy: a session that runs no variant never touches the cache dir.
+        if self._budget is None:
+            self._budget = HostBudget()
+        return self._budget
 
     @property
     def out(self) -> Path:
@@ -135,10 +152,28 @@ class MatrixFile(pytest.File):
             plan = expand_matrix(load_matrix(self.path), run.facts())
         except NestvirtError as e:
             raise self.CollectError(f"nestvirt: {e}") from e
-        run.out.mkdir(parents=True, exist_ok=True)
-        _write_plan(run.out / PLAN_FILE, plan.to_json())
+        if not self.config.option.collectonly:  # --collect-only leaves no results dir behind
+            run.out.mkdir(parents=True, exist_ok=True)
+            _write_plan(run.out / PLAN_FILE, plan.to_json())
+        lines = block_lines(self.path)
         for pv in plan.variants:
-            yield MatrixItem.from_parent(self, name=pv.id, planned=pv)
+            m = re.search(r"include\[(\d+)\]$", pv.origin)
+            line = lines[int(m.group(1))] if m and int(m.group(1)) < len(lines) else 0
+            yield MatrixItem.from_parent(self, name=pv.id, planned=pv, line=line)
+
+
+def block_lines(path: Path) -> list[int]:
+    """0-based line of each `include` block in a matrix file (where a variant comes from)."""
+    import yaml
+
+    try:
+        root = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return []
+    for key, value in getattr(root, "value", []):
+        if getattr(key, "value", None) == "include" and isinstance(value.value, list):
+            return [item.start_mark.line for item in value.value]
+    return []
 
 
 class VariantFailed(Exception):
@@ -150,9 +185,10 @@ class VariantFailed(Exception):
 
 
 class MatrixItem(pytest.Item):
-    def __init__(self, *, planned: PlannedVariant, **kwargs: Any) -> None:
+    def __init__(self, *, planned: PlannedVariant, line: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.planned = planned
+        self.line = line
         self.add_marker("nestvirt")
 
     def runtest(self) -> None:
@@ -179,7 +215,8 @@ class MatrixItem(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
-        return self.path, None, f"nestvirt variant {self.name}"
+        # The line of the matrix block the variant comes from: where a skip is reported.
+        return self.path, self.line, f"nestvirt variant {self.name}"
 
 
 def _skip(reason: str) -> BaseException:
@@ -190,23 +227,9 @@ def _skip(reason: str) -> BaseException:
         return pytest.skip.Exception(reason)
 
 
-def failure_text(record: dict[str, Any]) -> str:
-    """What a failed item shows: verdict, every failed check with its detail, where to look."""
-    r = record["result"]
-    lines = [f"{r['id']}: {r['verdict'].upper()}"]
-    failed = [c for c in r.get("checks", []) if not c["ok"]]
-    lines += [f"  {c['name']}: {c['detail']}" for c in failed] or [f"  {r['reason']}"]
-    art = r.get("artifacts", {})
-    if art.get("dir"):
-        lines.append(f"  artefacts: {art['dir']}")
-    if art.get("repro"):
-        lines.append(f"  reproduce: {art['repro']}")
-    return "\n".join(lines)
-
-
 def _write_plan(path: Path, plan: dict[str, Any]) -> None:
     # Every xdist worker collects the same plan: write atomically, last one wins.
-    tmp = path.with_suffix(f".{id(plan)}.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(plan, indent=1))
     tmp.replace(path)
 
@@ -220,9 +243,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     out = run.out
     if not out.is_dir():
         return
-    records = [r for r in collect_records(out)
-               if (Path(r["result"]["artifacts"].get("dir", out)) / "record.json").stat().st_mtime
-               >= run.started - 1]
+    # A reused --nestvirt-out may hold an earlier session's records: only this one's count.
+    records = collect_records(out, since=run.started - 1)
     if not records:
         return
     from .batch import merge_records, write_views

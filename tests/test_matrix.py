@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -79,8 +80,8 @@ def test_nightly_prunes_by_vendor_and_binary_and_skips_by_host():
     assert pruned_reasons(intel)["migrate-plain/compress"].startswith(
         "not in this QEMU binary: legacy compress is absent")
     # Sizes, channels, threads and vmexit all show up with readable, unique ids.
-    assert {"migrate-nested/multifd-zstd,channels=8", "migrate-nested/compress,threads=4",
-            "migrate-plain/none,mem_mib=2048,smp=2,l1_mib=1024",
+    assert {"migrate-nested/multifd-zstd+channels=8", "migrate-nested/compress+threads=4",
+            "migrate-plain/none+mem_mib=2048+smp=2+l1_mib=1024",
             "vmexit/multifd-zstd"} <= ids
     assert len(ids) == len(tcg.variants)
 
@@ -118,8 +119,8 @@ def test_null_means_default_and_excludes_prune_with_their_reason():
                    exclude=[{"compression": "multifd-zstd", "channels": 8, "reason": "too slow"}])
     assert [p.id for p in plan.variants] == ["migrate-nested/none", "migrate-nested/multifd-zstd"]
     assert pruned_reasons(plan) == {
-        "migrate-nested/none,channels=8": "channels applies to multifd-zlib, multifd-zstd only, not none",
-        "migrate-nested/multifd-zstd,channels=8": "excluded by the matrix: too slow"}
+        "migrate-nested/none+channels=8": "channels applies to multifd-zlib, multifd-zstd only, not none",
+        "migrate-nested/multifd-zstd+channels=8": "excluded by the matrix: too slow"}
 
 
 def test_legacy_compress_on_a_binary_without_it_is_pruned_not_skipped():
@@ -190,7 +191,6 @@ def test_variant_json_with_a_broken_profile_is_refused():
 def test_needs_count_both_sides_memory_and_one_side_cpus():
     spec = SCENARIOS["migrate-nested"]
     assert needs(spec) == Resources(cpus=1, mem_mib=2 * (512 + QEMU_OVERHEAD_MIB))
-    from dataclasses import replace
     assert needs(replace(spec, smp=2, mem_mib=2048)).cpus == 2
 
 
@@ -208,9 +208,9 @@ def test_budget_never_oversubscribes_cpus_and_forgets_dead_owners(tmp_path: Path
     dead.wait()
     ledger = json.loads((tmp_path / "budget.json").read_text())
     ledger = [r for r in ledger if r["what"] != "b"] + [
-        Reservation("x", dead.pid, 1, 64, "ghost").__dict__]
+        asdict(Reservation("x", dead.pid, 1, 64, "ghost"))]
     (tmp_path / "budget.json").write_text(json.dumps(ledger))
-    assert {r.what for r in b.held()} == {"a", "c"} - {"a"} | {"c"}
+    assert {r.what for r in b.held()} == {"c"}
 
 
 def test_budget_says_when_a_variant_can_never_fit(tmp_path: Path):
@@ -311,3 +311,45 @@ def test_a_worker_that_dies_comes_back_as_an_error(tmp_path: Path):
 
 def die(job: Job) -> dict:
     os._exit(3)
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+def nestvirt(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--matrix", "ci/no-such.yaml"], "ci/no-such.yaml"),
+    (["run", "--matrix", "ci/smoke.yaml", "migrate-plain"], "--matrix sets scenarios"),
+    (["run", "--matrix", "ci/smoke.yaml", "--repeat", "0"], "--repeat must be at least 1"),
+    (["run", "-j", "-1"], "-j must be 0"),
+    (["run", "--variant-json", "ci/smoke.yaml", "--inject", "kill-dst"], "one exact variant"),
+    (["report", "ci/smoke.yaml"], "not a nestvirt results.json"),
+])
+def test_bad_matrix_input_is_one_line_and_exit_2(args, needle):
+    cp = nestvirt(*args)
+    assert cp.returncode == 2, cp.stderr
+    lines = cp.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], cp.stderr
+
+
+def test_bad_matrix_file_is_exit_2_before_anything_starts(tmp_path: Path):
+    bad = tmp_path / "m.yaml"
+    bad.write_text("nestvirt_matrix: 1\ninclude:\n  - {scenario: migrate-plain, chanels: 4}\n")
+    cp = nestvirt("run", "--matrix", str(bad), "--out", str(tmp_path / "out"))
+    assert cp.returncode == 2 and "unknown axis 'chanels' (did you mean channels?)" in cp.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_matrix_command_lists_variants_and_pruned_with_reasons():
+    cp = nestvirt("matrix", "ci/smoke-mini.yaml", "--json")
+    assert cp.returncode == 0, cp.stderr
+    doc = json.loads(cp.stdout)
+    assert [v["id"] for v in doc["variants"]][-1] == "migrate-plain/none/windows"
+    assert all(v["needs"]["cpus"] == 1 for v in doc["variants"])
+    assert doc["pruned"][0] == {"id": "migrate-plain/none+channels=4",
+                                "reason": "channels applies to multifd-zlib, multifd-zstd only, "
+                                          "not none"}

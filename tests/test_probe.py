@@ -41,6 +41,8 @@ def _leftovers() -> list[str]:
             continue  # exited while we looked
         # comm may contain spaces and parens: the fields after the last ")" are fixed.
         state, ppid = text.rpartition(")")[2].split()[:2]
+        if "multiprocessing.resource_tracker" in cmdline:
+            continue  # Python's own per-interpreter helper (started by the parallel runner tests)
         if ppid == me or "nestvirt-probe-" in cmdline:
             found.append(f"pid {stat.parent.name} state {state}: {cmdline.strip()}")
     return found

@@ -4,7 +4,7 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup host venv run test lint bench clean
+.PHONY: setup host venv run test lint bench nightly clean
 
 setup: host venv
 
@@ -34,6 +34,10 @@ lint: venv
 
 bench: setup
 	$(PY) ci/bench_migrate.py
+
+# The nightly matrix, as many variants at once as the host budget allows.
+nightly: setup
+	$(VENV)/bin/nestvirt run --matrix ci/nightly.yaml -j 0
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

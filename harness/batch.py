@@ -40,7 +40,15 @@ from .parallel import (
     signatures_json,
 )
 from .repro import compare_failure, image_from_json, load_variant_file
-from .results import exit_status, load_results, result_from_json, tap, write_results
+from .results import (
+    exit_status,
+    link_latest,
+    load_results,
+    prepare_out,
+    result_from_json,
+    tap,
+    write_results,
+)
 from .scenario import ScenarioResult
 
 # --until-fail without --repeat: how many attempts before calling a variant stable enough.
@@ -73,16 +81,6 @@ def wants_batch(args: argparse.Namespace) -> bool:
                 or getattr(args, "until_fail", False))
 
 
-def writable_out(out: Path | None) -> Path:
-    out = out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe_file = out / ".writable"
-        probe_file.write_text("")
-        probe_file.unlink()
-    except OSError as e:
-        raise UsageError(f"--out {out}: not writable ({e.strerror})") from e
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +123,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     sigs = [] if args.no_known_issues else known.load(args.known_issues or known.DEFAULT_FILE)
     image = image_from_json(vdoc["image"]) if vdoc and vdoc.get("image") else None
     kernel = None if image else find_kernel(args.kernel, args.modules)
-    out = writable_out(args.out)
+    out = prepare_out(args.out)
     facts = probe(args.accel)
     if facts.accel != "kvm":
         # Loud on purpose: a nested run silently emulated is the trap this line prevents.
@@ -195,7 +193,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         # Reached on Ctrl-C too: what finished is kept, and every view is written from it.
         results = save()
         write_views(out / "results.json")
-        _link_latest(out)
+        link_latest(out)
     if args.json:
         print((out / "results.json").read_text())
     else:
@@ -331,15 +329,6 @@ def _tap_name(r: ScenarioResult) -> str:
     return f"{r.id} # TODO known issue" if r.verdict == "known-issue" else r.id
 
 
-def _link_latest(out: Path) -> None:
-    latest = out.parent / "latest"
-    try:
-        if latest.is_symlink():
-            latest.unlink()
-        if not latest.exists():
-            latest.symlink_to(out.name)
-    except OSError:
-        pass  # a convenience only
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import NoReturn
 from . import known, proc
 from .errors import SetupError, UsageError
 from .migration import COMPRESSION_MODES
+from .results import link_latest, prepare_out
 from .scenario import INJECTIONS, RunContext, ScenarioResult, Variant
 from .suite import SCENARIOS, SMOKE, apply_profile, expand, runner_for
 
@@ -160,16 +161,28 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _writable_out(out: Path | None) -> Path:
-    out = out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe_file = out / ".writable"
-        probe_file.write_text("")
-        probe_file.unlink()
-    except OSError as e:
-        raise UsageError(f"--out {out}: not writable ({e.strerror})") from e
-    return out
+
+
+def _close_run(out: Path, host: dict, results: list[ScenarioResult], run_info: dict,
+               t0: float) -> None:
+    from .results import junit_xml, write_results
+
+    run_info["seconds"] = round(time.monotonic() - t0, 2)
+    write_results(out, host, results, run_info)
+    (out / "junit.xml").write_text(junit_xml(results))
+    link_latest(out)
+
+
+def _report_run(as_json: bool, out: Path, results: list[ScenarioResult]) -> int:
+    from .results import console_table, exit_status
+
+    if as_json:
+        print((out / "results.json").read_text())
+    else:
+        print(console_table(results))
+        _print_figures(results)
+        print(f"results: {out / 'results.json'}")
+    return exit_status(results)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -178,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .guests import build_l1, build_tools
     from .kernel import find_kernel
     from .probe import probe
-    from .results import console_table, exit_status, junit_xml, write_results
+    from .results import write_results
 
     if wants_batch(args):
         return cmd_run_batch(args)
@@ -190,7 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     variants = expand(args.scenarios, args.compression, knobs, inject=args.inject)
     sigs = [] if args.no_known_issues else known.load(args.known_issues or known.DEFAULT_FILE)
     kernel = find_kernel(args.kernel, args.modules)
-    out = _writable_out(args.out)
+    out = prepare_out(args.out)
     facts = probe(args.accel)
     profile = resolve_profile(args.profile, args.hv, l1_nested=facts.l1_nested, vendor=facts.vendor)
     variants = apply_profile(variants, profile, l1_nested=facts.l1_nested, vendor=facts.vendor)
@@ -215,17 +228,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             write_results(out, facts.to_json(), results, run_info)
     finally:
         # Reached on Ctrl-C too: what finished is kept.
-        run_info["seconds"] = round(time.monotonic() - t0, 2)
-        write_results(out, facts.to_json(), results, run_info)
-        (out / "junit.xml").write_text(junit_xml(results))
-        _link_latest(out)
-    if args.json:
-        print((out / "results.json").read_text())
-    else:
-        print(console_table(results))
-        _print_figures(results)
-        print(f"results: {out / 'results.json'}")
-    return exit_status(results)
+        _close_run(out, facts.to_json(), results, run_info, t0)
+    return _report_run(args.json, out, results)
 
 
 def _write_repro(result: ScenarioResult, variant: Variant, image: dict, host: dict) -> None:
@@ -262,7 +266,6 @@ def cmd_vmexit(args: argparse.Namespace) -> int:
     from .guests import build_l1, build_tools
     from .kernel import find_kernel
     from .probe import probe
-    from .results import console_table, exit_status, junit_xml, write_results
     from .vmexit import check_numbers, default_plan, plan_profiles, run_vmexit
 
     # Everything the user typed is checked before anything starts (the probe starts QEMU).
@@ -275,7 +278,7 @@ def cmd_vmexit(args: argparse.Namespace) -> int:
         if problems:
             raise UsageError(f"enlightenments {hv}: " + "; ".join(problems))
     kernel = find_kernel(args.kernel, args.modules)
-    out = _writable_out(args.out)
+    out = prepare_out(args.out)
     facts = probe(args.accel)
     profiles = plan_profiles(args.profile, args.hv, l1_nested=facts.l1_nested, vendor=facts.vendor)
     plan = default_plan(profiles, facts.accel, reports=args.reports, iters=args.iters,
@@ -292,17 +295,9 @@ def cmd_vmexit(args: argparse.Namespace) -> int:
     try:
         results.append(run_vmexit(ctx, plan))
     finally:
-        run_info["seconds"] = round(time.monotonic() - t0, 2)
-        write_results(out, facts.to_json(), results, run_info)
-        (out / "junit.xml").write_text(junit_xml(results))
-        _link_latest(out)
-    if args.json:
-        print((out / "results.json").read_text())
-    else:
-        print(console_table(results))
-        _print_figures(results)
-        print(f"results: {out / 'results.json'}")
-    return exit_status(results)
+        # Reached on Ctrl-C too: what finished is kept.
+        _close_run(out, facts.to_json(), results, run_info, t0)
+    return _report_run(args.json, out, results)
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -331,7 +326,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         for t in map(build.get, names):
             print(f"{t.name:36} {'built' if t.ok else 'BUILD FAILED: ' + t.error}")
         return 0
-    out = _writable_out(args.out)
+    out = prepare_out(args.out)
     facts = probe(args.accel)
     profile = resolve_profile(args.profile, None, l1_nested=facts.l1_nested, vendor=facts.vendor)
     timeout = args.timeout or build.timeout_s or st.DEFAULT_TIMEOUT_S
@@ -367,7 +362,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         write_results(out, facts.to_json(), results, run_info)
         (out / "junit.xml").write_text(junit_xml(results, suite="kselftest-kvm"))
         (out / "results.tap").write_text(tap(results, st.tap_name))
-        _link_latest(out)
+        link_latest(out)
     if args.json:
         print((out / "results.json").read_text())
     else:
@@ -376,15 +371,6 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return exit_status(results)
 
 
-def _link_latest(out: Path) -> None:
-    latest = out.parent / "latest"
-    try:
-        if latest.is_symlink():
-            latest.unlink()
-        if not latest.exists():
-            latest.symlink_to(out.name)
-    except OSError:
-        pass  # a convenience only
 
 
 if __name__ == "__main__":

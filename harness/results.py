@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from .errors import UsageError
 from .scenario import ScenarioResult
 
 SCHEMA_VERSION = 1
@@ -134,3 +135,28 @@ def load_results(path: Path) -> tuple[dict[str, Any], list[ScenarioResult]]:
         return doc, [result_from_json(s) for s in doc["scenarios"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a nestvirt results.json ({e})") from e
+
+
+def prepare_out(out: Path | None) -> Path:
+    """The run's results directory (default results/<time>), created and proven writable."""
+    out = out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_file = out / ".writable"
+        probe_file.write_text("")
+        probe_file.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out}: not writable ({e.strerror})") from e
+    return out
+
+
+def link_latest(out: Path) -> None:
+    """Point OUT/../latest at this run (a convenience: failures to link are ignored)."""
+    latest = out.parent / "latest"
+    try:
+        if latest.is_symlink():
+            latest.unlink()
+        if not latest.exists():
+            latest.symlink_to(out.name)
+    except OSError:
+        pass

@@ -35,6 +35,21 @@ def exit_status(results: list[ScenarioResult]) -> int:
     return 1 if any(r.verdict in ("fail", "error") for r in results) else 0
 
 
+def text_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Align every column but the last (free text) of rows whose first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)) + "  " + row[-1]
+            for row in rows]
+
+
+def verdict_counts(results: list[ScenarioResult]) -> str:
+    """'3 pass, 1 skip': how many results have each verdict ("" for none)."""
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.verdict] = counts.get(r.verdict, 0) + 1
+    return ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+
+
 def console_table(results: list[ScenarioResult]) -> str:
     rows = [("SCENARIO", "VERDICT", "MIGRATE", "DOWNTIME", "TOTAL", "DETAIL")]
     for r in results:
@@ -47,13 +62,8 @@ def console_table(results: list[ScenarioResult]) -> str:
             f"{r.durations.get('total', 0):.1f}s",
             (r.reason or f"{sum(c.ok for c in r.checks)}/{len(r.checks)} checks ok")[:70],
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)) + "  " + row[-1]
-             for row in rows]
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.verdict] = counts.get(r.verdict, 0) + 1
-    lines.append(", ".join(f"{n} {v}" for v, n in sorted(counts.items())) or "no scenarios")
+    lines = text_table(rows)
+    lines.append(verdict_counts(results) or "no scenarios")
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ from .kselftest import SelftestRun, classify
 from .l1 import L1Shell, RunKey
 from .machine import Machine, QmpCommandError
 from .probe import HostFacts
+from .results import text_table, verdict_counts
 from .scenario import NO_PROFILE, RunContext, ScenarioResult, launch_l1
 from .selftest_build import (
     BuiltTest,
@@ -476,13 +477,8 @@ def summary_table(results: list[ScenarioResult]) -> str:
                      "TIMEOUT" if r.metrics.get("timed_out") else r.verdict.upper(),
                      "-" if rc is None else str(rc), f"{r.durations.get('total', 0):.1f}s",
                      r.reason[:90]))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)) + "  " + row[-1]
-             for row in rows]
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.verdict] = counts.get(r.verdict, 0) + 1
+    lines = text_table(rows)
     timeouts = sum(bool(r.metrics.get("timed_out")) for r in results)
-    summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items())) or "no selftests"
+    summary = verdict_counts(results) or "no selftests"
     lines.append(summary + (f" ({timeouts} of them timed out)" if timeouts else ""))
     return "\n".join(lines)

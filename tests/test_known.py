@@ -45,3 +45,13 @@ def test_bad_file_is_usage_error(tmp_path: Path):
         known.load(bad)
     with pytest.raises(UsageError):
         known.load(tmp_path / "missing.json")
+
+
+def test_core_kernel_warning_matches_but_a_kvm_warning_stays_fail():
+    sigs = known.load()
+    rcu = _fail("migrate-plain/compress", "kernel-log-clean: 8 bad line(s), first: [ 12.6] WARNING: "
+                "CPU: 0 PID: 116 at kernel/rcu/tree.c:396 rcu_sched_clock_irq+0x4b5/0xac0", syncs=16)
+    kvm = _fail("migrate-plain/compress", "kernel-log-clean: 1 bad line(s), first: [ 12.6] WARNING: "
+                "CPU: 0 PID: 116 at arch/x86/kvm/svm/nested.c:80 nested_svm_vmrun", syncs=16)
+    known.classify([rcu, kvm], sigs, "tcg", "7.2.22")
+    assert rcu.verdict == "known-issue" and kvm.verdict == "fail"

@@ -55,3 +55,21 @@ def test_core_kernel_warning_matches_but_a_kvm_warning_stays_fail():
                 "CPU: 0 PID: 116 at arch/x86/kvm/svm/nested.c:80 nested_svm_vmrun", syncs=16)
     known.classify([rcu, kvm], sigs, "tcg", "7.2.22")
     assert rcu.verdict == "known-issue" and kvm.verdict == "fail"
+
+
+def test_stale_pattern_pages_after_many_syncs_match():
+    sigs = known.load()
+    stale = _fail("migrate-plain/none", "l1-workload-pattern: L1 workload: 3 bad of 16384 pages; "
+                  "first: [{'page': 12}]", syncs=5)
+    early = _fail("migrate-plain/none", "l1-workload-pattern: L1 workload: 3 bad of 16384 pages",
+                  syncs=3)
+    known.classify([stale, early], sigs, "tcg", "7.2.22")
+    assert stale.verdict == "known-issue" and early.verdict == "fail"
+
+
+def test_injected_failures_are_never_known_issues():
+    sigs = known.load()
+    injected = _fail("migrate-plain/none+inject-corrupt-l1",
+                     "l1-workload-pattern: L1 workload: 1 bad of 16384 pages", syncs=6)
+    known.classify([injected], sigs, "tcg", "7.2.22")
+    assert injected.verdict == "fail"

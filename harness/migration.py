@@ -137,13 +137,18 @@ def configure(m: Machine, mode: MigrationMode, side: str) -> dict:
 
 
 def migrate(src: Machine, dst: Machine, mode: MigrationMode, uri: str,
-            timeout: float = 120.0) -> MigrationOutcome:
-    """Run one migration to a terminal state (or timeout), then see whether dst took it."""
+            timeout: float = 120.0, cancel: bool = False) -> MigrationOutcome:
+    """Run one migration to a terminal state (or timeout), then see whether dst took it.
+
+    cancel=True cancels it right after it starts (a deliberate fault for the checks' tests).
+    """
     out = MigrationOutcome(status="setup")
     out.settings = {"dst": configure(dst, mode, "dst"), "src": configure(src, mode, "src")}
     dst.qmp("migrate-incoming", uri=uri)
     t0 = time.monotonic()
     src.qmp("migrate", uri=uri)
+    if cancel:
+        src.qmp("migrate_cancel")
     try:
         src.wait_qmp_event({"MIGRATION"}, timeout,
                            match=lambda e: e.get("data", {}).get("status") in TERMINAL)

@@ -30,7 +30,7 @@ from .probe import HostFacts
 
 STATES = ("plain", "bare", "nested")
 INJECTIONS = ("corrupt-l1", "corrupt-l2", "stop-l2", "kill-dst", "kernel-warning", "ssh-down",
-              "run-dst-before-compare")
+              "run-dst-before-compare", "cancel-migration", "freeze-dst", "unload-kvm")
 TOOLS = "/usr/lib/nestvirt"
 NO_PROFILE = Profile(name="none")
 
@@ -242,7 +242,8 @@ class _ScenarioRun:
             self.dst = self._machine("dst", incoming=True)
         with self.timer.phase("migrate"):
             uri = self._uri()
-            outcome = migrate(self.src, self.dst, self.mode, uri, self.ctx.migrate_timeout)
+            outcome = migrate(self.src, self.dst, self.mode, uri, self.ctx.migrate_timeout,
+                              cancel=spec.inject == "cancel-migration")
         self._record_migration(outcome)
         self.res.checks.append(ck.migration_completed(outcome.status, outcome.error, spec.state))
         with self.timer.phase("verify"):
@@ -253,10 +254,11 @@ class _ScenarioRun:
             self.res.checks.append(ck.dst_qemu_alive(
                 self.dst.alive(), outcome.dst_status if self.dst.alive() else None, expected,
                 self.dst.error_lines()))
-            if not self.dst.alive():
+            if not self.dst.alive() or outcome.status != "completed":
                 # Nothing left to ask: the guest checks fail at once instead of timing out.
-                self.res.checks.append(ck.l1_ssh_on_dst(
-                    False, f"destination QEMU is gone ({spec.state} state migrated)"))
+                why = ("destination QEMU is gone" if not self.dst.alive()
+                       else f"migration {outcome.status}: L1 never ran on the destination")
+                self.res.checks.append(ck.l1_ssh_on_dst(False, f"{why} ({spec.state} state)"))
                 return
             if spec.paused:
                 self._check_identity()
@@ -359,14 +361,18 @@ class _ScenarioRun:
             (self.workdir / "l1-cpuid-dst.txt").write_text(dump.out + dump.err)
             self.res.checks += enlightenment_checks(self.variant.profile, dump.out, dmesg_after)
         (self.workdir / "l1-dmesg-dst.txt").write_text(dmesg_after)
-        try:
+        if not stuck:
             log = sh.run("cat /run/l2-serial.log 2>/dev/null", 10).out
             (self.workdir / "l2-serial.log").write_text(log)
-        except StepTimeout:
-            pass
 
     def _inject_in_guest(self, sh: L1Shell) -> None:
         inj = self.spec.inject
+        if inj == "freeze-dst":
+            assert self.dst is not None
+            self.dst.qmp("stop")  # L1 stops answering mid-check, as a hung L1 would
+        if inj == "unload-kvm":
+            sh.run("kill $(cat /run/l2.pid); sleep 0.3; rmmod kvm_amd kvm_intel kvm 2>/dev/null; "
+                   "true", 10)
         if inj == "corrupt-l1":
             sh.run("l1work corrupt --pidfile /run/l1work.pid", 10)
         if inj == "corrupt-l2":

@@ -107,13 +107,17 @@ def test_paused_identity_passes_then_catches_a_running_destination(ctx: RunConte
     ("kernel-warning", "migrate-plain", "kernel-log-clean"),
     ("ssh-down", "migrate-plain", "l1-ssh-on-dst"),
     ("kill-dst", "migrate-plain", "dst-qemu-alive"),
+    ("cancel-migration", "migrate-plain", "migration-completed"),
+    ("freeze-dst", "migrate-plain", "l1-responsive-on-dst"),
+    ("unload-kvm", "migrate-bare", "l2-starts-on-dst"),
 ])
 def test_each_check_catches_its_broken_case(ctx: RunContext, inject: str, scenario: str, caught: str):
     r = run(ctx, scenario, "none", inject=inject, attempts=1 if inject == "kill-dst" else 3)
     assert r.verdict == "fail", f"{inject} went unnoticed: {r.reason}"
     assert not check(r, caught).ok
     # The broken case is caught by its own check, not by collateral damage.
-    assert check(r, "migration-completed").ok
-    if inject not in ("kill-dst", "ssh-down"):
+    if inject != "cancel-migration":
+        assert check(r, "migration-completed").ok
+    if inject not in ("kill-dst", "ssh-down", "cancel-migration", "freeze-dst"):
         others = [c.name for c in r.checks if not c.ok and c.name != caught]
         assert not others, others

@@ -261,4 +261,33 @@ static int ctl_verify(int argc, char **argv)
 	}
 }
 
+struct subcmd {
+	const char *name;
+	int (*run)(int argc, char **argv);
+};
+
+/* Run the subcommand named by argv[1] from a NULL-terminated table; usage + exit 2 otherwise. */
+static int dispatch(int argc, char **argv, const struct subcmd *cmds, void (*usage)(void))
+{
+	const char *cmd;
+
+	if (argc < 2) {
+		usage();
+		die(EXIT_USAGE, "missing subcommand");
+	}
+	cmd = argv[1];
+	argc--;
+	argv++;
+	optind = 1; /* each subcommand parses its own options from a fresh getopt state */
+	for (; cmds->name; cmds++)
+		if (!strcmp(cmd, cmds->name))
+			return cmds->run(argc, argv);
+	if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help")) {
+		usage();
+		return EXIT_OK;
+	}
+	usage();
+	die(EXIT_USAGE, "unknown subcommand '%s'", cmd);
+}
+
 #endif

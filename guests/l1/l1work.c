@@ -365,27 +365,13 @@ static void usage(void)
 
 int main(int argc, char **argv)
 {
-	const char *cmd;
+	static const struct subcmd cmds[] = {
+		{"run", cmd_run},
+		{"verify", ctl_verify},
+		{"corrupt", ctl_corrupt},
+		{NULL, NULL},
+	};
 
 	g_prog = "l1work";
-	if (argc < 2) {
-		usage();
-		die(EXIT_USAGE, "missing subcommand");
-	}
-	cmd = argv[1];
-	argc--;
-	argv++;
-	optind = 1;
-	if (!strcmp(cmd, "run"))
-		return cmd_run(argc, argv);
-	if (!strcmp(cmd, "verify"))
-		return ctl_verify(argc, argv);
-	if (!strcmp(cmd, "corrupt"))
-		return ctl_corrupt(argc, argv);
-	if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help")) {
-		usage();
-		return EXIT_OK;
-	}
-	usage();
-	die(EXIT_USAGE, "unknown subcommand '%s'", cmd);
+	return dispatch(argc, argv, cmds, usage);
 }

@@ -839,35 +839,17 @@ static void usage(void)
 
 int main(int argc, char **argv)
 {
-	const char *cmd;
+	static const struct subcmd cmds[] = {
+		{"run", cmd_run},
+		{"verify", ctl_verify},
+		{"corrupt", ctl_corrupt},
+		{"hold", cmd_hold},
+		{"l1loop", cmd_l1loop},
+		{"caps", cmd_caps},
+		{"cpuid-dump", cmd_cpuid_dump},
+		{NULL, NULL},
+	};
 
 	g_prog = "nvmm";
-	if (argc < 2) {
-		usage();
-		die(EXIT_USAGE, "missing subcommand");
-	}
-	cmd = argv[1];
-	argc--;
-	argv++;
-	optind = 1;
-	if (!strcmp(cmd, "run"))
-		return cmd_run(argc, argv);
-	if (!strcmp(cmd, "verify"))
-		return ctl_verify(argc, argv);
-	if (!strcmp(cmd, "corrupt"))
-		return ctl_corrupt(argc, argv);
-	if (!strcmp(cmd, "hold"))
-		return cmd_hold(argc, argv);
-	if (!strcmp(cmd, "l1loop"))
-		return cmd_l1loop(argc, argv);
-	if (!strcmp(cmd, "caps"))
-		return cmd_caps(argc, argv);
-	if (!strcmp(cmd, "cpuid-dump"))
-		return cmd_cpuid_dump(argc, argv);
-	if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help")) {
-		usage();
-		return EXIT_OK;
-	}
-	usage();
-	die(EXIT_USAGE, "unknown subcommand '%s'", cmd);
+	return dispatch(argc, argv, cmds, usage);
 }

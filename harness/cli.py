@@ -220,7 +220,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         for i, v in enumerate(variants, 1):
             if not args.json:
-                print(f"[{i}/{len(variants)}] {v.id} ...", file=sys.stderr, flush=True)
+                el = int(time.monotonic() - t0)
+                print(f"[{i}/{len(variants)} {el // 60}:{el % 60:02d}] {v.id} ...", file=sys.stderr,
+                      flush=True)
             result = runner_for(v)(v, ctx)
             known.classify([result], sigs, facts.accel, facts.qemu.version)
             _write_repro(result, v, image.to_json(), facts.to_json())

@@ -20,7 +20,7 @@ from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from . import proc
-from .errors import StepTimeout
+from .errors import NestvirtError, StepTimeout
 from .guests import TEMPLATES
 
 # qemu.qmp logs every negotiation failure while we poll for the socket; our transcript is enough.
@@ -46,7 +46,7 @@ class MachineConfig:
     extra_args: tuple[str, ...] = ()
 
 
-class QmpCommandError(Exception):
+class QmpCommandError(NestvirtError):
     """QEMU answered a command with an error; carries QEMU's own description."""
 
     def __init__(self, command: str, desc: str) -> None:

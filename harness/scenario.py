@@ -261,6 +261,10 @@ class _ScenarioRun:
                 self.res.checks.append(ck.l1_ssh_on_dst(False, f"{why} ({spec.state} state)"))
                 return
             if spec.paused:
+                if spec.inject == "run-dst-before-compare":
+                    self.dst.qmp("cont")
+                    time.sleep(0.5)
+                    self.dst.qmp("stop")
                 self._check_identity()
             else:
                 self._check_guest(l2_before, dmesg_before)
@@ -323,14 +327,9 @@ class _ScenarioRun:
             self.res.metrics["dst_error"] = o.dst_error
 
     def _inject_after_migration(self) -> None:
-        inj, dst = self.spec.inject, self.dst
-        assert dst is not None
-        if inj == "kill-dst":
-            dst.kill()
-        elif inj == "run-dst-before-compare":
-            dst.qmp("cont")
-            time.sleep(0.5)
-            dst.qmp("stop")
+        if self.spec.inject == "kill-dst":
+            assert self.dst is not None
+            self.dst.kill()
 
     # -- checks on a running destination ------------------------------------------------------
     def _check_guest(self, l2_before: int | None, dmesg_before: str) -> None:

@@ -175,20 +175,31 @@ def run_variant(variant: Variant, ctx: RunContext) -> ScenarioResult:
     return _finish(res, workdir)
 
 
-def _finish(res: ScenarioResult, workdir: Path) -> ScenarioResult:
-    """Judge: a failed check is a fail even if a later step errored; no checks is no pass."""
+def judge_failed_checks(res: ScenarioResult) -> bool:
+    """A failed check makes a fail, even if a later step errored (its error is appended)."""
     failed = [c for c in res.checks if not c.ok]
-    if failed:
-        why = "; ".join(f"{c.name}: {c.detail}" for c in failed)
-        if res.verdict == "error":
-            why += f"; then: {res.reason}"
-        res.verdict, res.reason = "fail", why[:1000]
-    elif res.verdict == "":
-        res.verdict = "pass" if res.checks else "error"
-        res.reason = "" if res.checks else "no check ran"
+    if not failed:
+        return False
+    why = "; ".join(f"{c.name}: {c.detail}" for c in failed)
+    if res.verdict == "error":
+        why += f"; then: {res.reason}"
+    res.verdict, res.reason = "fail", why[:1000]
+    return True
+
+
+def save_result(res: ScenarioResult, workdir: Path) -> ScenarioResult:
+    """List the artefacts and write scenario.json beside them."""
     res.artifacts["files"] = sorted(p.name for p in workdir.iterdir() if p.is_file())
     (workdir / "scenario.json").write_text(json.dumps(res.to_json(), indent=2, default=str))
     return res
+
+
+def _finish(res: ScenarioResult, workdir: Path) -> ScenarioResult:
+    """Judge by the checks; a run that reached no check is an error, never a pass."""
+    if not judge_failed_checks(res) and res.verdict == "":
+        res.verdict = "pass" if res.checks else "error"
+        res.reason = "" if res.checks else "no check ran"
+    return save_result(res, workdir)
 
 
 class _ScenarioRun:

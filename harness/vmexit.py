@@ -32,7 +32,15 @@ from .l1 import L1Shell, RunKey
 from .machine import Machine, QmpCommandError
 from .migration import MigrationMode, migrate, summarize_stats
 from .ports import free_port
-from .scenario import TOOLS, RunContext, ScenarioResult, Variant, launch_l1
+from .scenario import (
+    TOOLS,
+    RunContext,
+    ScenarioResult,
+    Variant,
+    judge_failed_checks,
+    launch_l1,
+    save_result,
+)
 
 SCENARIO = "vmexit"
 BASELINE = "none"
@@ -508,13 +516,7 @@ def run_vmexit_variant(variant: Variant, ctx: RunContext) -> ScenarioResult:
 
 def _judge(res: ScenarioResult, workdir: Path) -> ScenarioResult:
     """Failed checks make a fail (an error after them is appended); figures make a pass."""
-    failed = [c for c in res.checks if not c.ok]
-    if failed:
-        why = "; ".join(f"{c.name}: {c.detail}" for c in failed)
-        if res.verdict == "error":
-            why += f"; then: {res.reason}"
-        res.verdict, res.reason = "fail", why[:1000]
-    elif res.verdict == "":
+    if not judge_failed_checks(res) and res.verdict == "":
         skipped = res.metrics.get("skipped", {})
         if res.metrics.get("figures"):
             res.verdict = "pass"
@@ -523,9 +525,7 @@ def _judge(res: ScenarioResult, workdir: Path) -> ScenarioResult:
             res.reason = "; ".join(f"{n}: {why}" for n, why in skipped.items())[:1000]
         else:
             res.verdict, res.reason = "error", "no figure was produced"
-    res.artifacts["files"] = sorted(p.name for p in workdir.iterdir() if p.is_file())
-    (workdir / "scenario.json").write_text(json.dumps(res.to_json(), indent=2, default=str))
-    return res
+    return save_result(res, workdir)
 
 
 class _VmexitRun:

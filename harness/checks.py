@@ -70,7 +70,9 @@ def l2_progress(before: int | None, after: list[int]) -> Check:
 
 # Kernel log lines that mean L1 (or its KVM) was hurt; KVM's own warnings come with "kvm".
 BAD_KERNEL_LINE = re.compile(
-    r"WARNING:|\bOops\b|\bBUG:|general protection fault|Kernel panic|Call Trace:|"
+    r"WARNING:|\bOops\b|\bBUG:|kernel BUG at|general protection fault|Kernel panic|Call Trace:|"
+    r"list_(?:add|del) corruption|invalid opcode: \d+ \[#|\[#\d+\] (?:PREEMPT|SMP)|"
+    r"bad rss-counter|NX-protected page|"
     r"kvm.*(?:error|fail|unsupported|unhandled|invalid)|soft lockup|hung_task|"
     r"unsupported EVMCS|nested_vmx.*fail|rcu_sched detected stall|rcu: INFO",
     re.IGNORECASE,

@@ -46,7 +46,10 @@ def test_kernel_log_clean():
     for bad in ("[ 7.0] WARNING: CPU: 0 PID: 1 at arch/x86/kvm/x86.c:10 kvm_arch_vcpu_ioctl",
                 "[ 7.0] BUG: unable to handle page fault for address: 0000",
                 "[ 7.0] kvm: vcpu 0: unhandled exit reason 0x400",
-                "[ 7.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks"):
+                "[ 7.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks",
+                "[ 8.1] list_add corruption. next->prev should be prev (ff3d), but was ff3e.",
+                "[ 8.1] kernel BUG at lib/list_debug.c:27!",
+                "[ 8.2] invalid opcode: 0000 [#1] PREEMPT SMP NOPTI"):
         assert not ck.kernel_log_clean([*clean, bad]).ok, bad
 
 
@@ -89,3 +92,10 @@ def test_l2_starts_on_dst():
 def test_l1_responsive_on_dst():
     assert ck.l1_responsive_on_dst(None).ok
     assert not ck.l1_responsive_on_dst("L1 command timed out after 25s").ok
+
+
+def test_kernel_log_clean_names_the_first_bad_line():
+    oops = ["[ 8.17] list_add corruption. next->prev should be prev", "[ 8.18] kernel BUG at x",
+            "[ 8.19] Call Trace:"]
+    c = ck.kernel_log_clean(oops)
+    assert not c.ok and "list_add corruption" in c.detail and "3 bad line(s)" in c.detail

@@ -82,7 +82,10 @@ def one_bare(out: Path) -> dict:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
         procs.append(p)
+        started = time.monotonic()
         while not (sock / f"{name}.qmp").exists():
+            if p.poll() is not None or time.monotonic() - started > 20:
+                raise RuntimeError(f"{name} QEMU gave no QMP socket")
             time.sleep(0.02)
         q = QEMUMonitorProtocol(str(sock / f"{name}.qmp"))
         for _ in range(200):
@@ -115,23 +118,28 @@ def one_bare(out: Path) -> dict:
 
     t0 = time.monotonic()
     ok = False
+
+    def until(pred, what: str, limit: float = 180.0) -> None:
+        """Every wait of the bare side is bounded too, by one budget for the whole run."""
+        while not pred():
+            if time.monotonic() - t0 > limit:
+                raise RuntimeError(f"timed out waiting for {what}")
+            time.sleep(0.05)
     try:
         src, sport = qemu("src", False)
-        while "NESTVIRT-EVENT ready" not in Path(f"{out}/src.ev").read_text():
-            time.sleep(0.05)
+        until(lambda: "NESTVIRT-EVENT ready" in Path(f"{out}/src.ev").read_text(), "L1 ready")
         c = ssh(sport)
         sh(c, "setsid l1work run --mib 64 --threads 2 --rate-mib-s 32 --status /run/w.st "
               "--result /run/w.v --pidfile /run/w.pid >/dev/null 2>&1 </dev/null &")
         sh(c, f"setsid nvmm run --payload {TOOLS}/payloads/pagecount.bin --pages 128 "
               "--status /run/l2.st --log /run/l2.log --result /run/l2.v --pidfile /run/l2.pid "
               ">/dev/null 2>&1 </dev/null &")
-        while True:
-            st = sh(c, "cat /run/w.st; echo; echo ---; cat /run/l2.st")
-            w, l2 = st.split("---")
-            if '"running"' in w and '"pass":' in l2 and json.loads(l2)["pass"] >= 2:
-                break
-            time.sleep(0.2)
-        before = json.loads(l2)["pass"]
+        def guests_running() -> bool:
+            w, l2 = sh(c, "cat /run/w.st; echo; echo ---; cat /run/l2.st").split("---")
+            return '"running"' in w and '"pass":' in l2 and json.loads(l2)["pass"] >= 2
+
+        until(guests_running, "l1work and L2 running")
+        before = json.loads(sh(c, "cat /run/l2.st"))["pass"]
         dmesg0 = sh(c, "dmesg")
         dst, dport = qemu("dst", True)
         mport = free_port()
@@ -142,16 +150,9 @@ def one_bare(out: Path) -> dict:
                                               "max-bandwidth": 64 << 30})
         dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{mport}")
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{mport}")
-        deadline = time.monotonic() + 120
-        while src.cmd("query-migrate")["status"] not in ("completed", "failed"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("migration timeout")
-            time.sleep(0.05)
+        until(lambda: src.cmd("query-migrate")["status"] in ("completed", "failed"), "migration")
         status = src.cmd("query-migrate")["status"]
-        while dst.cmd("query-status")["status"] == "inmigrate":
-            if time.monotonic() > deadline:
-                raise RuntimeError("destination stayed inmigrate")
-            time.sleep(0.05)
+        until(lambda: dst.cmd("query-status")["status"] != "inmigrate", "destination running")
         d = ssh(dport)
         w_ok = json.loads(sh(d, "l1work verify --pidfile /run/w.pid --result /run/w.v"))["ok"]
         samples = []

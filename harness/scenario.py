@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import checks as ck
 from .enlightenments import Profile, host_support, qemu_cpu_suffix, same_enlightenments
@@ -160,7 +160,19 @@ def run_variant(variant: Variant, ctx: RunContext) -> ScenarioResult:
     if skip:
         res.verdict, res.reason = "skip", skip
         return _finish(res, workdir)
-    run = _ScenarioRun(variant, ctx, workdir, res)
+    execute_guarded(_ScenarioRun(variant, ctx, workdir, res), res, workdir)
+    return _finish(res, workdir)
+
+
+class Steps(Protocol):
+    def execute(self) -> None: ...
+
+    def teardown(self) -> None: ...
+
+
+def execute_guarded(run: Steps, res: ScenarioResult, workdir: Path) -> None:
+    """Run the steps; a harness error or an engine bug becomes an 'error' with its reason,
+    and teardown (reaping QEMU) always happens. Ctrl-C still propagates after teardown."""
     t0 = time.monotonic()
     try:
         run.execute()
@@ -172,7 +184,6 @@ def run_variant(variant: Variant, ctx: RunContext) -> ScenarioResult:
     finally:
         run.teardown()
         res.durations["total"] = round(time.monotonic() - t0, 3)
-    return _finish(res, workdir)
 
 
 def judge_failed_checks(res: ScenarioResult) -> bool:

@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import time
-import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 from . import checks as ck
 from .enlightenments import Profile, host_support, qemu_cpu_suffix, resolve_profile
-from .errors import NestvirtError, StepTimeout, UsageError
+from .errors import StepTimeout, UsageError
 from .hvcpuid import decode_l1_cpuid, enlightenment_checks, supported_hv_flags
 from .l1 import L1Shell, RunKey
 from .machine import Machine, QmpCommandError
@@ -37,6 +36,7 @@ from .scenario import (
     RunContext,
     ScenarioResult,
     Variant,
+    execute_guarded,
     judge_failed_checks,
     launch_l1,
     save_result,
@@ -483,17 +483,7 @@ def run_vmexit(ctx: RunContext, plan: VmexitPlan, run_id: str | None = None) -> 
     workdir.mkdir(parents=True, exist_ok=True)
     res.artifacts["dir"] = str(workdir)
     run = _VmexitRun(ctx, plan, workdir, res)
-    t0 = time.monotonic()
-    try:
-        run.execute()
-    except (NestvirtError, QmpCommandError) as e:  # QmpCommandError carries QEMU's own message
-        res.verdict, res.reason = "error", str(e)
-    except Exception as e:  # noqa: BLE001 - an engine bug must still leave a result behind
-        res.verdict, res.reason = "error", f"internal error: {type(e).__name__}: {e}"
-        (workdir / "traceback.txt").write_text(traceback.format_exc())
-    finally:
-        run.teardown()
-        res.durations["total"] = round(time.monotonic() - t0, 3)
+    execute_guarded(run, res, workdir)
     run.summarize()
     return _judge(res, workdir)
 

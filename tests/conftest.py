@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,28 @@ def no_qemu_left_behind():
     left = qemu_children()
     proc.reap_all()
     assert not live and not left, f"QEMU left running after the test: {live} {left}"
+
+
+def interrupt_when_booted(p: subprocess.Popen, out: Path, l1s: int, timeout: float) -> str:
+    """SIGINT a running `nestvirt run` once `l1s` L1s have booted under out; return its stderr.
+
+    Then assert what Ctrl-C promises: exit 130, no traceback, results.json kept, and no QEMU
+    of that run still alive.
+    """
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("**/src-events.log"))) < l1s and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)  # the parent only: it must stop its workers itself
+        _, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    assert (out / "results.json").exists()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=10).stdout
+    assert str(out) not in ps, "a QEMU of the interrupted run is still running"
+    return err

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from .conftest import interrupt_when_booted
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,20 +87,4 @@ def test_ctrl_c_reaps_qemu_and_keeps_results(tmp_path: Path):
     p = subprocess.Popen([sys.executable, "-m", "harness", "run", "migrate-plain", "migrate-nested",
                           "--compression", "none", "--out", str(tmp_path)], cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        # Interrupt once the first L1 is up (its console log has content).
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob("*/src-events.log")) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.5)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == 130, err
-    assert "Traceback" not in err
-    assert (tmp_path / "results.json").exists()
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert str(tmp_path) not in ps, "a QEMU of the interrupted run is still running"
+    interrupt_when_booted(p, tmp_path, l1s=1, timeout=60)

@@ -13,13 +13,13 @@ import importlib.metadata
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from .conftest import interrupt_when_booted
 
 pytestmark = pytest.mark.qemu
 
@@ -156,22 +156,7 @@ def test_ctrl_c_on_a_parallel_run_reaps_every_qemu(tmp_path: Path):
     p = subprocess.Popen([sys.executable, "-m", "harness", "run", "--matrix", str(MINI), "-j", "2",
                           "--out", str(tmp_path)], cwd=REPO, env=env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(tmp_path.glob("**/src-events.log"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)
-        p.send_signal(signal.SIGINT)  # the parent only: it must stop its workers itself
-        _, err = p.communicate(timeout=90)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == 130, err
-    assert "Traceback" not in err
-    assert (tmp_path / "results.json").exists()
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert str(tmp_path) not in ps, "a QEMU of the interrupted run is still running"
+    interrupt_when_booted(p, tmp_path, l1s=2, timeout=90)
 
 
 def test_until_fail_finds_qemu72_zlib_corruption_and_reports_its_rate(tmp_path: Path):

@@ -74,13 +74,19 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
                         "kernel and initramfs) or a bare variant")
 
 
+def mode_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """The MigrationMode knobs `run` was given, keyed by MigrationMode field."""
+    return {"channels": args.channels, "threads": args.threads,
+            "decompress_threads": args.decompress_threads, "level": args.level,
+            "wait_thread": args.wait_thread == "on", "xbzrle_cache_mib": args.xbzrle_cache_mib,
+            "transport": args.transport, "downtime_limit_ms": args.downtime_limit_ms}
+
+
 def wants_batch(args: argparse.Namespace) -> bool:
     """True when `run` should go through the matrix runner rather than the plain loop."""
     return bool(getattr(args, "matrix", None) or getattr(args, "variant_json", None)
                 or getattr(args, "jobs", None) is not None or getattr(args, "repeat", None)
                 or getattr(args, "until_fail", False))
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,10 +106,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     if args.jobs is not None and args.jobs < 0:
         raise UsageError("-j must be 0 (as many as fit) or a positive number")
     repeat = args.repeat or (UNTIL_FAIL_ATTEMPTS if args.until_fail else 1)
-    knobs = {"channels": args.channels, "threads": args.threads,
-             "decompress_threads": args.decompress_threads, "level": args.level,
-             "wait_thread": args.wait_thread == "on", "xbzrle_cache_mib": args.xbzrle_cache_mib,
-             "transport": args.transport}
+    knobs = mode_knobs(args)
     # Everything the user typed is checked before anything starts.
     vdoc = matrix = variants = None
     if args.variant_json:
@@ -327,8 +330,6 @@ def view_paths(results_json: Path) -> tuple[Path, Path, Path]:
 def _tap_name(r: ScenarioResult) -> str:
     # TAP's TODO directive is its "known failure": consumers do not count it as a failure.
     return f"{r.id} # TODO known issue" if r.verdict == "known-issue" else r.id
-
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,15 +29,35 @@ def migration_completed(status: str, error: str | None, state: str) -> Check:
     return Check("migration-completed", ok, detail)
 
 
-def dst_qemu_alive(alive: bool, run_state: str | None, expected: str,
-                   error_lines: list[str]) -> Check:
-    """Destination QEMU still runs and is in the expected run state; else carry its own error."""
+def dst_qemu_alive(alive: bool, run_state: str | None, expected: str, error_lines: list[str],
+                   returncode: int | None = None, console_lines: list[str] | None = None) -> Check:
+    """Destination QEMU still runs and is in the expected run state; else say how it ended.
+
+    QEMU's own stderr names a refused state. Without stderr, the exit status and L1's console
+    tell the rest: L1 boots with panic=-1 under -no-reboot, so a guest panic ends QEMU with 0.
+    """
     if not alive:
-        line = " | ".join(error_lines[-3:]) if error_lines else "(no stderr)"
-        return Check("dst-qemu-alive", False, f"destination QEMU exited: {line}")
+        return Check("dst-qemu-alive", False, "destination QEMU exited: "
+                     + _exit_story(error_lines, returncode, console_lines or []))
     if run_state != expected:
         return Check("dst-qemu-alive", False, f"destination run state {run_state}, expected {expected}")
     return Check("dst-qemu-alive", True, f"alive, {run_state}")
+
+
+def _exit_story(error_lines: list[str], returncode: int | None, console: list[str]) -> str:
+    if error_lines:
+        return " | ".join(error_lines[-3:])
+    if returncode is not None and returncode < 0:
+        how = f"killed by signal {-returncode}"
+    elif returncode == 0:
+        how = "status 0, no stderr (L1 powered off, or reset under -no-reboot)"
+    else:
+        how = f"status {returncode}, no stderr"
+    bad = [ln.strip() for ln in console if BAD_KERNEL_LINE.search(ln)]
+    if not bad:
+        return how
+    panic = [ln for ln in bad if "Kernel panic" in ln]
+    return f"{how}; L1 console: {(panic or bad)[-1][:160]} (first of {len(bad)} bad: {bad[0][:160]})"
 
 
 def l1_ssh_on_dst(ok: bool, detail: str) -> Check:

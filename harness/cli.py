@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="legacy compress-wait-thread")
     r.add_argument("--xbzrle-cache-mib", type=int, default=64)
     r.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
+    r.add_argument("--downtime-limit-ms", type=int, metavar="MS",
+                   help="QEMU downtime-limit (default: QEMU's own, 300): larger converges in "
+                        "fewer dirty syncs")
     r.add_argument("--profile", help="Hyper-V enlightenment profile for L1 (see templates/profiles.json)")
     r.add_argument("--hv", metavar="hv-a,hv-b,...", help="hv-* flags (laid over --profile)")
     r.add_argument("--known-issues", type=Path, metavar="FILE",
@@ -186,7 +189,7 @@ def _report_run(as_json: bool, out: Path, results: list[ScenarioResult]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .batch import cmd_run_batch, wants_batch
+    from .batch import cmd_run_batch, mode_knobs, wants_batch
     from .enlightenments import resolve_profile
     from .guests import build_l1, build_tools
     from .kernel import find_kernel
@@ -195,10 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if wants_batch(args):
         return cmd_run_batch(args)
-    knobs = {"channels": args.channels, "threads": args.threads,
-             "decompress_threads": args.decompress_threads, "level": args.level,
-             "wait_thread": args.wait_thread == "on", "xbzrle_cache_mib": args.xbzrle_cache_mib,
-             "transport": args.transport}
+    knobs = mode_knobs(args)
     # Everything the user typed is checked before anything starts.
     variants = expand(args.scenarios, args.compression, knobs, inject=args.inject)
     sigs = [] if args.no_known_issues else known.load(args.known_issues or known.DEFAULT_FILE)

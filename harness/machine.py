@@ -253,6 +253,12 @@ class Machine:
         errs = [x for x in lines if "error" in x.lower() or "fail" in x.lower()]
         return (errs or lines or [f"no stderr, exit status {self.returncode}"])[-1]
 
+    def console_lines(self) -> list[str]:
+        """Everything L1 printed on this QEMU's serial console so far."""
+        if not self.console_log.exists():
+            return []
+        return self.console_log.read_text(errors="replace").splitlines()
+
     def console_tail(self, n: int = 20) -> str:
         if not self.console_log.exists():
             return ""

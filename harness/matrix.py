@@ -47,13 +47,14 @@ MODE_KNOBS: Mapping[str, tuple[str, ...]] = {
     "xbzrle_cache_mib": ("xbzrle",),
     "transport": COMPRESSION_MODES,
     "max_bandwidth_mib": COMPRESSION_MODES,
+    "downtime_limit_ms": COMPRESSION_MODES,
 }
 # ScenarioSpec fields that size the guest and its workload.
 GUEST_FIELDS = ("mem_mib", "smp", "l1_mib", "l1_threads", "l1_rate_mib_s", "l2_pages")
 # Axis order = nesting order of the product (outermost first), so output reads by scenario.
 AXES = ("scenario", "profile", "hv", "guest", *GUEST_FIELDS, "compression", *MODE_KNOBS, "inject")
 _INT_AXES = frozenset({"channels", "threads", "decompress_threads", "level", "xbzrle_cache_mib",
-                       "max_bandwidth_mib", *GUEST_FIELDS})
+                       "max_bandwidth_mib", "downtime_limit_ms", *GUEST_FIELDS})
 _STR_AXES = frozenset({"scenario", "profile", "hv", "compression", "transport", "inject"})
 _REQUIRED = ("scenario",)
 
@@ -382,7 +383,8 @@ def inject_reason(spec: ScenarioSpec) -> str | None:
         return "vmexit measures exit costs and runs none of the checks an inject breaks"
     if inj == "run-dst-before-compare" and not spec.paused:
         return f"inject {inj} needs a paused migration (migrate-paused-identity)"
-    if spec.paused and inj in ("corrupt-l1", "corrupt-l2", "stop-l2", "kernel-warning", "ssh-down"):
+    if spec.paused and inj in ("corrupt-l1", "corrupt-l2", "stop-l2", "kernel-warning", "ssh-down",
+                               "panic-dst"):
         return f"inject {inj} is judged by guest checks, which {spec.name} does not run"
     if inj in ("corrupt-l2", "stop-l2") and spec.state != "nested":
         return f"inject {inj} needs a running L2 (state nested), not {spec.state}"

@@ -42,6 +42,7 @@ class MigrationMode:
     xbzrle_cache_mib: int = 64
     transport: str = "tcp"
     max_bandwidth_mib: int = 0  # 0: effectively unlimited on loopback
+    downtime_limit_ms: int | None = None  # None: QEMU's own default (300 ms)
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSION_MODES:
@@ -51,6 +52,9 @@ class MigrationMode:
             raise UsageError(f"unknown transport '{self.transport}' (tcp or unix)")
         if self.channels < 1 or self.threads < 1 or self.decompress_threads < 1:
             raise UsageError("--channels and --threads must be at least 1")
+        if self.downtime_limit_ms is not None and not 1 <= self.downtime_limit_ms <= 2_000_000:
+            # QEMU refuses downtime-limit past 2000 s; saying so here beats its QMP error later.
+            raise UsageError(f"--downtime-limit-ms {self.downtime_limit_ms} is not in 1..2000000")
         top = {"multifd-zlib": 9, "multifd-zstd": 20, "compress": 9}.get(self.compression)
         if self.level is not None and (top is None or not 0 <= self.level <= top):
             raise UsageError(f"--level {self.level} is not valid for {self.compression}"
@@ -74,6 +78,9 @@ class MigrationMode:
         """migrate-set-parameters arguments for 'src' or 'dst' (both get the same set)."""
         bw = (self.max_bandwidth_mib or 64 * 1024) * 1024 * 1024
         params: dict[str, Any] = {"max-bandwidth": bw}
+        if self.downtime_limit_ms is not None:
+            # The source decides when to stop the guest; the destination just keeps it in sync.
+            params["downtime-limit"] = self.downtime_limit_ms
         if self.codec:
             params["multifd-channels"] = self.channels
             params["multifd-compression"] = self.codec

@@ -30,7 +30,7 @@ from .probe import HostFacts
 
 STATES = ("plain", "bare", "nested")
 INJECTIONS = ("corrupt-l1", "corrupt-l2", "stop-l2", "kill-dst", "kernel-warning", "ssh-down",
-              "run-dst-before-compare", "cancel-migration", "freeze-dst", "unload-kvm")
+              "run-dst-before-compare", "cancel-migration", "freeze-dst", "unload-kvm", "panic-dst")
 TOOLS = "/usr/lib/nestvirt"
 NO_PROFILE = Profile(name="none")
 
@@ -256,6 +256,9 @@ class _ScenarioRun:
             self._start_guest_programs(sh)
             l2_before = self._l2_pass(sh) if spec.state == "nested" else None
             dmesg_before = sh.run("dmesg", 15).out
+            if spec.inject == "panic-dst":
+                # Armed on the source, so it migrates with L1's memory; fired on dst by an NMI.
+                sh.run("echo 1 > /proc/sys/kernel/unknown_nmi_panic", 10)
             if spec.inject == "ssh-down":
                 sh.run("kill $(cat /run/dropbear.pid)", 10)
         if spec.paused:
@@ -273,14 +276,20 @@ class _ScenarioRun:
             expected = "paused" if spec.paused else "running"
             if outcome.dst_status == "exited" or not self.dst.alive():
                 self.dst.wait_exit(5.0)
+            alive = self.dst.alive()
+            console = self._console_new_lines()
             self.res.checks.append(ck.dst_qemu_alive(
-                self.dst.alive(), outcome.dst_status if self.dst.alive() else None, expected,
-                self.dst.error_lines()))
-            if not self.dst.alive() or outcome.status != "completed":
+                alive, outcome.dst_status if alive else None, expected, self.dst.error_lines(),
+                self.dst.returncode, console))
+            if not alive or outcome.status != "completed":
                 # Nothing left to ask: the guest checks fail at once instead of timing out.
-                why = ("destination QEMU is gone" if not self.dst.alive()
+                why = ("destination QEMU is gone" if not alive
                        else f"migration {outcome.status}: L1 never ran on the destination")
                 self.res.checks.append(ck.l1_ssh_on_dst(False, f"{why} ({spec.state} state)"))
+                if outcome.status == "completed" and not spec.paused:
+                    # L1 ran on the destination before QEMU went: its console is its last word
+                    # (an oops from stale pages ends QEMU, as L1 panics under -no-reboot).
+                    self.res.checks.append(ck.kernel_log_clean(console))
                 return
             if spec.paused:
                 if spec.inject == "run-dst-before-compare":
@@ -352,6 +361,11 @@ class _ScenarioRun:
         if self.spec.inject == "kill-dst":
             assert self.dst is not None
             self.dst.kill()
+        if self.spec.inject == "panic-dst" and self.dst is not None and self.dst.alive():
+            # L1 panics as a stale page would make it: QEMU ends with 0 and no stderr, and
+            # only the console says why.
+            self.dst.qmp("inject-nmi")
+            self.dst.wait_exit(30.0)
 
     # -- checks on a running destination ------------------------------------------------------
     def _check_guest(self, l2_before: int | None, dmesg_before: str) -> None:
@@ -436,8 +450,7 @@ class _ScenarioRun:
     def _console_new_lines(self) -> list[str]:
         # The destination's console only ever holds what L1 printed after migration.
         assert self.dst is not None
-        log = self.dst.console_log
-        return log.read_text(errors="replace").splitlines() if log.exists() else []
+        return self.dst.console_lines()
 
     # -- checks on a paused destination -------------------------------------------------------
     def _check_identity(self) -> None:

@@ -675,8 +675,8 @@ class _VmexitRun:
             mig["dst_error"] = outcome.dst_error
         self.res.checks.append(ck.migration_completed(outcome.status, outcome.error, "plain"))
         alive = dst.alive()
-        self.res.checks.append(ck.dst_qemu_alive(alive, outcome.dst_status if alive else None,
-                                                 "running", dst.error_lines()))
+        self.res.checks.append(ck.dst_qemu_alive(alive, outcome.dst_status if alive else None, "running",
+                                                 dst.error_lines(), dst.returncode, dst.console_lines()))
         src.shell.close()
         src.machine.shutdown()  # paused after migration; frees its CPU and memory for dst
         if outcome.status != "completed" or not alive or outcome.dst_status != "running":

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from harness import checks as ck
 
+DATA = Path(__file__).parent / "data"
+
 
 def test_migration_completed_catches_failed_status():
     assert ck.migration_completed("completed", None, "nested").ok
@@ -19,6 +21,25 @@ def test_dst_alive_carries_qemu_error_line():
                              ["qemu-system-x86_64: Failed to put registers after init: Invalid argument"])
     assert not dead.ok and "Failed to put registers" in dead.detail
     assert not ck.dst_qemu_alive(True, "paused", "running", []).ok
+
+
+def test_dst_exit_without_stderr_says_how_it_ended():
+    killed = ck.dst_qemu_alive(False, None, "running", [], returncode=-9)
+    assert not killed.ok and "killed by signal 9" in killed.detail
+    quiet = ck.dst_qemu_alive(False, None, "running", [], returncode=0, console_lines=["[ 1.0] ok"])
+    assert not quiet.ok and "status 0" in quiet.detail and "console" not in quiet.detail
+
+
+def test_dst_exit_after_guest_panic_carries_the_panic():
+    # Recorded: L1 oopsed on stale pages after migrating; panic=-1 under -no-reboot ends QEMU
+    # with status 0 and nothing on stderr, so the console is the only witness.
+    console = [x for x in (DATA / "consoles" / "dst-panic-after-4-syncs.log").read_text().splitlines()
+               if not x.startswith("#")]
+    dead = ck.dst_qemu_alive(False, None, "running", [], returncode=0, console_lines=console)
+    assert not dead.ok and "Kernel panic - not syncing" in dead.detail
+    assert "BUG: unable to handle page fault" in dead.detail
+    log = ck.kernel_log_clean(console)
+    assert not log.ok and "BUG: unable to handle page fault" in log.detail
 
 
 def test_pattern_verified():

@@ -26,6 +26,7 @@ def nestvirt(*args: str, timeout: float = 60, env: dict | None = None) -> subpro
     (["run", "--kernel", "/nonexistent/vmlinuz"], "does not exist"),
     (["run", "migrate-plain", "--out", "/proc/nestvirt-out"], "not writable"),
     (["run", "--level", "30", "--compression", "multifd-zlib"], "--level 30"),
+    (["run", "migrate-plain", "--downtime-limit-ms", "-5"], "--downtime-limit-ms -5"),
     (["frobnicate"], "invalid choice"),
     (["run", "--accel", "warp"], "invalid choice"),
 ])
@@ -65,21 +66,28 @@ def test_list_json():
 
 @pytest.mark.qemu
 def test_run_writes_results_json_and_exit_0(tmp_path: Path):
-    cp = nestvirt("run", "migrate-bare", "--compression", "multifd-zstd", "--out", str(tmp_path),
-                  timeout=300)
-    doc = json.loads((tmp_path / "results.json").read_text())
-    assert doc["host"]["accel"] in ("tcg", "kvm") and doc["host"]["qemu"]["version"]
-    (sc,) = doc["scenarios"]
-    assert set(sc) >= {"id", "scenario", "verdict", "reason", "params", "durations", "metrics",
-                       "checks", "artifacts"}
-    assert cp.returncode == (0 if sc["verdict"] in ("pass", "known-issue") else 1), cp.stderr
-    if sc["verdict"] == "known-issue":
-        pytest.skip(f"QEMU broke this run, reported as known issue: {sc['reason'][:200]}")
+    for attempt in range(3):
+        out = tmp_path / f"attempt{attempt}"
+        # The 5 s downtime-limit keeps the migration to one live pass (tests/test_scenarios.py).
+        cp = nestvirt("run", "migrate-bare", "--compression", "multifd-zstd", "--out", str(out),
+                      "--downtime-limit-ms", "5000", timeout=300)
+        doc = json.loads((out / "results.json").read_text())
+        assert doc["host"]["accel"] in ("tcg", "kvm") and doc["host"]["qemu"]["version"]
+        (sc,) = doc["scenarios"]
+        assert set(sc) >= {"id", "scenario", "verdict", "reason", "params", "durations", "metrics",
+                           "checks", "artifacts"}
+        assert cp.returncode == (0 if sc["verdict"] in ("pass", "known-issue") else 1), cp.stderr
+        # Only a failure the shipped signatures pin on QEMU (ci/known-issues.json) earns a retry.
+        if sc["verdict"] != "known-issue":
+            break
+    else:
+        pytest.skip(f"QEMU broke this run 3 times, reported as known issue: {sc['reason'][:200]}")
     assert sc["verdict"] == "pass", sc["reason"]
     assert {"boot_src", "migrate", "verify", "total"} <= set(sc["durations"])
+    assert sc["params"]["migration_settings"]["src"]["parameters"]["downtime-limit"] == 5000
     assert all({"name", "ok", "detail"} == set(c) for c in sc["checks"])
     assert "migrate-bare/multifd-zstd" in cp.stdout and "PASS" in cp.stdout
-    assert (tmp_path / "junit.xml").read_text().count("<testcase") == 1
+    assert (out / "junit.xml").read_text().count("<testcase") == 1
 
 
 @pytest.mark.qemu

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from harness import checks as ck
 from harness import known
 from harness.checks import Check
 from harness.errors import UsageError
 from harness.results import exit_status, junit_xml
-from harness.scenario import ScenarioResult
+from harness.scenario import ScenarioResult, judge_failed_checks
 
 OOPS = ("l1-ssh-on-dst: SSH failed; kernel-log-clean: 3 bad line(s), first: [ 9.3] general "
         "protection fault, probably for non-canonical address")
@@ -73,3 +74,22 @@ def test_injected_failures_are_never_known_issues():
                      "l1-workload-pattern: L1 workload: 1 bad of 16384 pages", syncs=6)
     known.classify([injected], sigs, "tcg", "7.2.22")
     assert injected.verdict == "fail"
+
+
+def test_destination_dead_of_a_stale_page_oops_matches_only_after_many_syncs():
+    # The recorded console of a destination QEMU that exited because L1 panicked on it.
+    console = [x for x in (Path(__file__).parent / "data" / "consoles" / "dst-panic-after-4-syncs.log")
+               .read_text().splitlines() if not x.startswith("#")]
+    checks = [ck.dst_qemu_alive(False, None, "running", [], 0, console),
+              ck.l1_ssh_on_dst(False, "destination QEMU is gone (bare state)"),
+              ck.kernel_log_clean(console)]
+
+    def result(syncs: int) -> ScenarioResult:
+        r = ScenarioResult(id="migrate-bare/multifd-zstd", scenario="migrate-bare", verdict="pass",
+                           checks=list(checks), metrics={"migration": {"ram_dirty_sync_count": syncs}})
+        assert judge_failed_checks(r)  # the reason as the engine words it
+        return r
+
+    four, three = result(4), result(3)
+    known.classify([four, three], known.load(), "tcg", "7.2.22")
+    assert four.verdict == "known-issue" and three.verdict == "fail"

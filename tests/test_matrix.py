@@ -123,6 +123,16 @@ def test_null_means_default_and_excludes_prune_with_their_reason():
         "migrate-nested/multifd-zstd+channels=8": "excluded by the matrix: too slow"}
 
 
+def test_downtime_limit_is_an_axis_of_every_mode():
+    plan = plan_of({"scenario": "migrate-plain", "compression": ["none", "xbzrle"],
+                    "downtime_limit_ms": [None, 1000]})
+    assert [p.id for p in plan.variants] == [
+        "migrate-plain/none", "migrate-plain/none+downtime_limit_ms=1000",
+        "migrate-plain/xbzrle", "migrate-plain/xbzrle+downtime_limit_ms=1000"]
+    assert [p.variant.mode.downtime_limit_ms for p in plan.variants] == [None, 1000, None, 1000]
+    assert "downtime-limit" in plan.variants[1].variant.mode.parameters("src")
+
+
 def test_legacy_compress_on_a_binary_without_it_is_pruned_not_skipped():
     plan = plan_of({"scenario": "migrate-plain", "compression": "all"}, host_name="intel-kvm-evmcs")
     assert "migrate-plain/compress" not in {p.id for p in plan.variants}

@@ -31,11 +31,13 @@ def test_capabilities_and_parameters():
     x = MigrationMode("xbzrle", xbzrle_cache_mib=32)
     assert x.parameters("src")["xbzrle-cache-size"] == 32 << 20
     assert MigrationMode("none").capabilities() == {"events": True}
+    assert "downtime-limit" not in MigrationMode("none").parameters("src")  # QEMU's default kept
+    assert MigrationMode("xbzrle", downtime_limit_ms=1000).parameters("src")["downtime-limit"] == 1000
 
 
 @pytest.mark.parametrize("kw", [{"compression": "gzip"}, {"compression": "multifd-zlib", "level": 12},
                                 {"compression": "none", "level": 1}, {"channels": 0},
-                                {"transport": "rdma"}])
+                                {"transport": "rdma"}, {"downtime_limit_ms": 0}])
 def test_bad_knobs_are_usage_errors(kw):
     with pytest.raises(UsageError):
         MigrationMode(**kw)

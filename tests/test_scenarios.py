@@ -39,9 +39,13 @@ def run(ctx: RunContext, scenario: str, compression: str = "none", inject: str |
         attempts: int = 3, rate: int = 8, **knobs) -> ScenarioResult:
     from dataclasses import replace
 
-    # 8 MiB/s of L1 dirtying keeps even zlib and legacy compress near 3 dirty syncs; more
-    # syncs meet QEMU 7.2 TCG's lost-write bug (ci/known-issues.json), which the harness
-    # reports as it should but which would make these tests of the harness flaky.
+    # 4+ dirty syncs meet QEMU 7.2 TCG's lost-write bug (ci/known-issues.json), which the
+    # harness reports as it should but which would make these tests of the harness flaky.
+    # 8 MiB/s of L1 dirtying and a 5 s downtime-limit end most migrations after one live pass
+    # (3 syncs). Legacy compress needs the limit most: QEMU sizes the last step by bytes on the
+    # wire, compressed ones there, so at the default 300 ms it needed 4+ syncs in 7 of 7 runs
+    # (2-8 MiB/s); at 5 s, 1 of 3.
+    knobs.setdefault("downtime_limit_ms", 5000)
     spec = replace(SCENARIOS[scenario], inject=inject, l1_rate_mib_s=rate)
     for _ in range(attempts):
         r = run_variant(Variant(spec, MigrationMode(compression, **knobs)), ctx)
@@ -62,6 +66,7 @@ def test_nested_migration_passes_every_mode(ctx: RunContext, mode: str):
     assert r.verdict == "pass", r.reason
     assert {c.name for c in r.checks} == set(SCENARIOS["migrate-nested"].checks)
     s = r.params["migration_settings"]["src"]
+    assert s["parameters"]["downtime-limit"] == 5000  # the knob reached QEMU and read back
     if mode.startswith("multifd"):
         assert s["capabilities"]["multifd"] and s["parameters"]["multifd-compression"] == mode[8:]
         assert r.metrics["migration"]["ram_multifd_bytes"] > 0
@@ -110,14 +115,20 @@ def test_paused_identity_passes_then_catches_a_running_destination(ctx: RunConte
     ("cancel-migration", "migrate-plain", "migration-completed"),
     ("freeze-dst", "migrate-plain", "l1-responsive-on-dst"),
     ("unload-kvm", "migrate-bare", "l2-starts-on-dst"),
+    ("panic-dst", "migrate-plain", "dst-qemu-alive"),
 ])
 def test_each_check_catches_its_broken_case(ctx: RunContext, inject: str, scenario: str, caught: str):
-    r = run(ctx, scenario, "none", inject=inject, attempts=1 if inject == "kill-dst" else 3)
+    r = run(ctx, scenario, "none", inject=inject,
+            attempts=1 if inject in ("kill-dst", "panic-dst") else 3)
     assert r.verdict == "fail", f"{inject} went unnoticed: {r.reason}"
     assert not check(r, caught).ok
     # The broken case is caught by its own check, not by collateral damage.
     if inject != "cancel-migration":
         assert check(r, "migration-completed").ok
-    if inject not in ("kill-dst", "ssh-down", "cancel-migration", "freeze-dst"):
+    if inject not in ("kill-dst", "ssh-down", "cancel-migration", "freeze-dst", "panic-dst"):
         others = [c.name for c in r.checks if not c.ok and c.name != caught]
         assert not others, others
+    if inject == "panic-dst":
+        # QEMU ended with 0 and no stderr: only L1's console can say why, and both checks do.
+        assert "status 0" in check(r, caught).detail and "Kernel panic" in check(r, caught).detail
+        assert "Kernel panic" in check(r, "kernel-log-clean").detail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from harness import proc
+from harness import known, proc
 from harness.guests import L1Image, build_l1, build_tools
 from harness.kernel import find_kernel
 from harness.probe import HostFacts, probe
-from harness.scenario import RunContext
+from harness.scenario import RunContext, ScenarioResult
 
 DATA = Path(__file__).parent / "data"
+SIGNATURES = known.load()
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +77,16 @@ def interrupt_when_booted(p: subprocess.Popen, out: Path, l1s: int, timeout: flo
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=10).stdout
     assert str(out) not in ps, "a QEMU of the interrupted run is still running"
     return err
+
+
+def qemu_flaked(r: ScenarioResult, host: HostFacts) -> bool:
+    """QEMU, not the harness, broke the run, and the harness said so with QEMU's evidence.
+
+    Judged by the shipped known-issue signatures (ci/known-issues.json), each of which needs
+    the evidence in the result: the destination's own refusal line, or L1's oops after a
+    migration that needed 4+ dirty syncs (QEMU 7.2 TCG loses writes there).
+    """
+    # Judged as the same run without its injected fault: QEMU's damage is what is asked about.
+    probe_copy = dataclasses.replace(r, id=r.id.split("+inject-")[0], checks=list(r.checks))
+    known.classify([probe_copy], SIGNATURES, host.accel, host.qemu.version)
+    return probe_copy.verdict == "known-issue"

@@ -7,38 +7,22 @@ outcome as "QEMU flaked", retry, and otherwise assert what the harness reported.
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from dataclasses import replace
 
 import pytest
 
-from harness import known
 from harness.migration import COMPRESSION_MODES, MigrationMode
 from harness.scenario import RunContext, ScenarioResult, Variant, run_variant
 from harness.suite import SCENARIOS
 
+from .conftest import qemu_flaked
+
 pytestmark = pytest.mark.qemu
-
-SIGNATURES = known.load()
-
-
-def qemu_flaked(r: ScenarioResult, host) -> bool:
-    """QEMU, not the harness, broke the run, and the harness said so with QEMU's evidence.
-
-    Judged by the shipped known-issue signatures (ci/known-issues.json), each of which needs
-    the evidence in the result: the destination's own refusal line, or L1's oops after a
-    migration that needed 4+ dirty syncs (QEMU 7.2 TCG loses writes there).
-    """
-    # Judged as the same run without its injected fault: QEMU's damage is what is asked about.
-    probe_copy = dataclasses.replace(r, id=r.id.split("+inject-")[0], checks=list(r.checks))
-    known.classify([probe_copy], SIGNATURES, host.accel, host.qemu.version)
-    return probe_copy.verdict == "known-issue"
 
 
 def run(ctx: RunContext, scenario: str, compression: str = "none", inject: str | None = None,
         attempts: int = 3, rate: int = 8, **knobs) -> ScenarioResult:
-    from dataclasses import replace
-
     # 4+ dirty syncs meet QEMU 7.2 TCG's lost-write bug (ci/known-issues.json), which the
     # harness reports as it should but which would make these tests of the harness flaky.
     # 8 MiB/s of L1 dirtying and a 5 s downtime-limit end most migrations after one live pass

@@ -38,13 +38,14 @@ def dst_qemu_alive(alive: bool, run_state: str | None, expected: str, error_line
     """
     if not alive:
         return Check("dst-qemu-alive", False, "destination QEMU exited: "
-                     + _exit_story(error_lines, returncode, console_lines or []))
+                     + qemu_exit_story(error_lines, returncode, console_lines or []))
     if run_state != expected:
         return Check("dst-qemu-alive", False, f"destination run state {run_state}, expected {expected}")
     return Check("dst-qemu-alive", True, f"alive, {run_state}")
 
 
-def _exit_story(error_lines: list[str], returncode: int | None, console: list[str]) -> str:
+def qemu_exit_story(error_lines: list[str], returncode: int | None, console: list[str]) -> str:
+    """How an L1's QEMU ended, in one line: its stderr, else its status and L1's last words."""
     if error_lines:
         return " | ".join(error_lines[-3:])
     if returncode is not None and returncode < 0:
@@ -56,8 +57,10 @@ def _exit_story(error_lines: list[str], returncode: int | None, console: list[st
     bad = [ln.strip() for ln in console if BAD_KERNEL_LINE.search(ln)]
     if not bad:
         return how
-    panic = [ln for ln in bad if "Kernel panic" in ln]
-    return f"{how}; L1 console: {(panic or bad)[-1][:160]} (first of {len(bad)} bad: {bad[0][:160]})"
+    # The panic line says how it ended; the first bad line is usually why.
+    last = ([ln for ln in bad if "Kernel panic" in ln] or bad)[-1]
+    first = "" if last == bad[0] else f" (first of {len(bad)} bad lines: {bad[0][:160]})"
+    return f"{how}; L1 console: {last[:160]}{first}"
 
 
 def l1_ssh_on_dst(ok: bool, detail: str) -> Check:

@@ -40,13 +40,15 @@ _BACKTRACE = re.compile(r"^\s+\d+\t")
 class SelftestRun:
     """How one selftest ended: exit status (None if it never reported one), output, time.
 
-    ``timed_out`` is True only when the runner killed it at its deadline.
+    ``timed_out`` is True only when the runner killed it at its deadline; ``crashed`` names
+    how the kernel running it died under it (its QEMU exited), else it is None.
     """
 
     rc: int | None
     output: str
     seconds: float
     timed_out: bool = False
+    crashed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,13 @@ def classify(run: SelftestRun, timeout_s: float) -> Outcome:
     """Map a selftest's ending to a verdict: 0 pass, 4 skip, anything else fail.
 
     A timeout is a fail whatever status the kill produced, with reason "timeout after S s";
-    a run that never reported a status (the guest stopped answering) is an error.
+    a run that never reported a status (the guest stopped answering) is an error, unless the
+    kernel under it died: that is a fail of the kernel under test, with its last words.
     """
     if run.timed_out:
         return Outcome("fail", f"timeout after {timeout_s:g} s")
+    if run.crashed is not None:
+        return Outcome("fail", _clip(f"L1 died during the test: {run.crashed}"))
     if run.rc is None:
         first = _lines(run.output)[:1] or ["the runner reported none"]
         return Outcome("error", _clip(f"no exit status: {first[0]}"))

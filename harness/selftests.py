@@ -258,11 +258,9 @@ class _L1:
             r = sh.run(f"{GUEST_RUNNER} {shlex.quote(t.name)} {limit:g}", limit + RUNNER_GRACE_S)
         except StepTimeout as e:
             seconds = time.monotonic() - t0
-            console = self.machine.console_tail(40).splitlines()
             if not self.machine.alive():
-                why = f"L1's QEMU exited: {self.machine.error_line()}"
-                self.stop()
-                return SelftestRun(None, why + "\n", seconds), console, {"l1_exited": True}
+                return self._died(seconds)
+            console = self.machine.console_tail(40).splitlines()
             # The in-guest deadline did not fire either: L1 itself is stuck, so a timeout.
             # Where its vCPUs are is the one clue left for a person.
             extra: dict[str, Any] = {"l1_unresponsive": True}
@@ -273,6 +271,10 @@ class _L1:
             self.stop()
             run = SelftestRun(None, f"(no output: L1 stopped answering: {e})\n", seconds, timed_out=True)
             return run, ["[nestvirt: L1 stopped answering; its last console lines:]", *console], extra
+        # No exit status (-1) is what SSH gives when the connection drops: a kernel that
+        # panicked takes QEMU down (-no-reboot) a moment after.
+        if r.rc == -1 and self.machine.wait_exit(5.0) is not None:
+            return self._died(time.monotonic() - t0)
         run = parse_runner_output(r.out, r.rc, r.err)
         extra = {"wall_seconds": round(time.monotonic() - t0, 3)}
         try:
@@ -282,6 +284,17 @@ class _L1:
             self.stop()
             dmesg, extra["l1_unresponsive_after"] = [f"[nestvirt: dmesg after the test failed: {e}]"], True
         return run, dmesg, extra
+
+    def _died(self, seconds: float) -> tuple[SelftestRun, list[str], dict[str, Any]]:
+        """The test's run when L1's QEMU exited under it: how, from stderr or L1's console."""
+        assert self.machine is not None
+        m = self.machine
+        story = ck.qemu_exit_story(m.error_lines(), m.returncode, m.console_lines())
+        console = m.console_tail(60).splitlines()
+        self.stop()
+        run = SelftestRun(None, f"(no output: L1's QEMU exited: {story})\n", seconds, crashed=story)
+        return run, ["[nestvirt: L1's QEMU exited during the test; its last console lines:]", *console], \
+            {"l1_exited": True}
 
     def stop(self) -> None:
         if self.shell is not None:

@@ -54,6 +54,13 @@ def test_exit_code_mapping(rc: int, verdict: str):
     assert ks.classify(SelftestRun(rc, "", 0.1), 5).verdict == verdict
 
 
+def test_a_dead_kernel_is_a_fail_with_its_last_words_not_an_error():
+    died = SelftestRun(None, "", 0.2, crashed="status 0, no stderr; L1 console: Kernel panic - x")
+    assert ks.classify(died, 5.0) == ks.Outcome("fail", "L1 died during the test: status 0, no stderr; "
+                                                        "L1 console: Kernel panic - x")
+    assert ks.classify(SelftestRun(None, "", 0.2), 5.0).verdict == "error"  # no status, L1 alive
+
+
 def test_timeout_wins_over_any_status_and_names_the_limit():
     for rc in (137, 0, 4, None):
         got = ks.classify(SelftestRun(rc, "ok 1\n", 7.5, timed_out=True), 7.5)
@@ -196,9 +203,9 @@ def fake_build(cache: Path) -> SelftestBuild:
 
 def test_a_test_that_does_not_compile_does_not_stop_the_others(fake_build: SelftestBuild):
     b = fake_build
-    assert b.names() == ["sleeper", "passer", "skipper", "broken_test", "failer", "wedger"]
+    assert b.names() == ["sleeper", "passer", "skipper", "broken_test", "failer", "wedger", "panicker"]
     built = {t.name for t in b.tests if t.ok}
-    assert built == {"sleeper", "passer", "skipper", "failer", "wedger"}
+    assert built == {"sleeper", "passer", "skipper", "failer", "wedger", "panicker"}
     broken = b.get("broken_test")
     assert broken.binary is None and broken.log is not None and broken.log.is_file()
     assert broken.error == "broken_test.c:4:16: error: 'undeclared_symbol' undeclared " \
@@ -240,7 +247,7 @@ def test_prebuilt_lists_static_binaries_and_refuses_dynamic_ones(fake_build: Sel
     (d / "notes.txt").write_text("not a test")
     b = prebuilt(d)
     by = {t.name: t for t in b.tests}
-    assert set(by) == {"sleeper", "passer", "skipper", "failer", "wedger", "dynamic_true"}
+    assert set(by) == {"sleeper", "passer", "skipper", "failer", "wedger", "panicker", "dynamic_true"}
     assert by["passer"].ok and not by["dynamic_true"].ok
     assert "dynamically linked" in by["dynamic_true"].error
 
@@ -413,6 +420,20 @@ def test_an_l1_that_stops_answering_is_a_timeout_and_is_replaced(ctx: RunContext
     # A fresh L1 ran the next test.
     assert after.verdict == "pass" and after.metrics["l1_boot"] == 2
     assert (ctx.out / "l1" / "l1-boot2-console.log").exists()
+
+
+@pytest.mark.qemu
+def test_a_kernel_that_panics_during_a_test_fails_it_with_the_panic(ctx: RunContext, cache: Path,
+                                                                    fake_build: SelftestBuild):
+    # A panic ends L1's QEMU with status 0 and no stderr (-no-reboot): the console is the witness.
+    plan = st.SelftestPlan(fake_build, ("panicker", "passer"), 10.0)
+    crashed, after = st.run_in_l1(plan, ctx)
+    assert crashed.verdict == "fail", crashed.reason
+    assert crashed.reason.startswith("L1 died during the test: status 0, no stderr")
+    assert "Kernel panic - not syncing: sysrq triggered crash" in crashed.reason
+    assert crashed.metrics["l1_exited"] and crashed.metrics["exit_code"] is None
+    assert "sysrq triggered crash" in Path(crashed.artifacts["dmesg"]).read_text()
+    assert after.verdict == "pass" and after.metrics["l1_boot"] == 2
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,11 @@ Each one can fail, and tests/ holds a case where it does.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from .kernlog import bad_lines, qemu_exit_story
 
 
 @dataclass(frozen=True)
@@ -44,25 +45,6 @@ def dst_qemu_alive(alive: bool, run_state: str | None, expected: str, error_line
     return Check("dst-qemu-alive", True, f"alive, {run_state}")
 
 
-def qemu_exit_story(error_lines: list[str], returncode: int | None, console: list[str]) -> str:
-    """How an L1's QEMU ended, in one line: its stderr, else its status and L1's last words."""
-    if error_lines:
-        return " | ".join(error_lines[-3:])
-    if returncode is not None and returncode < 0:
-        how = f"killed by signal {-returncode}"
-    elif returncode == 0:
-        how = "status 0, no stderr (L1 powered off, or reset under -no-reboot)"
-    else:
-        how = f"status {returncode}, no stderr"
-    bad = [ln.strip() for ln in console if BAD_KERNEL_LINE.search(ln)]
-    if not bad:
-        return how
-    # The panic line says how it ended; the first bad line is usually why.
-    last = ([ln for ln in bad if "Kernel panic" in ln] or bad)[-1]
-    first = "" if last == bad[0] else f" (first of {len(bad)} bad lines: {bad[0][:160]})"
-    return f"{how}; L1 console: {last[:160]}{first}"
-
-
 def l1_ssh_on_dst(ok: bool, detail: str) -> Check:
     return Check("l1-ssh-on-dst", ok, detail)
 
@@ -91,20 +73,9 @@ def l2_progress(before: int | None, after: list[int]) -> Check:
     return Check("l2-progress", True, f"pass {before} on src -> {after[0]}..{after[-1]} on dst")
 
 
-# Kernel log lines that mean L1 (or its KVM) was hurt; KVM's own warnings come with "kvm".
-BAD_KERNEL_LINE = re.compile(
-    r"WARNING:|\bOops\b|\bBUG:|kernel BUG at|general protection fault|Kernel panic|Call Trace:|"
-    r"list_(?:add|del) corruption|invalid opcode: \d+ \[#|\[#\d+\] (?:PREEMPT|SMP)|"
-    r"bad rss-counter|NX-protected page|"
-    r"kvm.*(?:error|fail|unsupported|unhandled|invalid)|soft lockup|hung_task|"
-    r"unsupported EVMCS|nested_vmx.*fail|rcu_sched detected stall|rcu: INFO",
-    re.IGNORECASE,
-)
-
-
 def kernel_log_clean(new_lines: list[str]) -> Check:
     """No new warning, oops or KVM complaint in L1's kernel log since migration started."""
-    bad = [ln.strip() for ln in new_lines if BAD_KERNEL_LINE.search(ln)]
+    bad = bad_lines(new_lines)
     if bad:
         return Check("kernel-log-clean", False, f"{len(bad)} bad line(s), first: {bad[0][:200]}")
     return Check("kernel-log-clean", True, f"{len(new_lines)} new line(s), none bad")

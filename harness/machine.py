@@ -22,6 +22,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from . import proc
 from .errors import NestvirtError, StepTimeout
 from .guests import TEMPLATES
+from .kernlog import qemu_exit_story
 
 # qemu.qmp logs every negotiation failure while we poll for the socket; our transcript is enough.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -239,7 +240,12 @@ class Machine:
     def error_summary(self, n: int = 3) -> str:
         """QEMU's last few stderr lines joined: the first often names the cause, the last the step."""
         lines = self.error_lines()
-        return " | ".join(lines[-n:]) if lines else f"no stderr, exit status {self.returncode}"
+        return " | ".join(lines[-n:]) if lines else self.exit_story()
+
+    def exit_story(self) -> str:
+        """How this QEMU ended: its stderr, else its status and the guest's last console words
+        (L1 runs with panic=-1 under -no-reboot: a panic exits QEMU with 0 and no stderr)."""
+        return qemu_exit_story(self.error_lines(), self.returncode, self.console_lines())
 
     def wait_exit(self, timeout: float) -> int | None:
         """Wait (bounded) for QEMU to exit on its own; returns its status or None if still alive."""
@@ -251,7 +257,7 @@ class Machine:
     def error_line(self) -> str:
         lines = self.error_lines()
         errs = [x for x in lines if "error" in x.lower() or "fail" in x.lower()]
-        return (errs or lines or [f"no stderr, exit status {self.returncode}"])[-1]
+        return errs[-1] if errs else lines[-1] if lines else self.exit_story()
 
     def console_lines(self) -> list[str]:
         """Everything L1 printed on this QEMU's serial console so far."""

@@ -30,6 +30,7 @@ from .errors import NestvirtError, SetupError, StepTimeout
 from .guests import L1Image, with_overlay
 from .hvcpuid import supported_hv_flags
 from .kernel import Kernel
+from .kernlog import bad_lines
 from .kselftest import SelftestRun, classify
 from .l1 import L1Shell, RunKey
 from .machine import Machine, QmpCommandError
@@ -202,7 +203,7 @@ def judge(t: BuiltTest, plan: SelftestPlan, run: SelftestRun, dmesg: list[str], 
     elif run.rc is not None:
         r.checks.append(ck.Check("selftest-exit-status", run.rc in (0, 4), f"exit {run.rc}"))
     # Recorded, not judged: some selftests provoke KVM's warnings on purpose.
-    bad = [ln.strip() for ln in dmesg if ck.BAD_KERNEL_LINE.search(ln)]
+    bad = bad_lines(dmesg)
     r.metrics["kernel_log_lines"] = len(dmesg)
     if bad:
         r.metrics["kernel_log_bad"] = bad[:5]
@@ -289,7 +290,7 @@ class _L1:
         """The test's run when L1's QEMU exited under it: how, from stderr or L1's console."""
         assert self.machine is not None
         m = self.machine
-        story = ck.qemu_exit_story(m.error_lines(), m.returncode, m.console_lines())
+        story = m.exit_story()
         console = m.console_tail(60).splitlines()
         self.stop()
         run = SelftestRun(None, f"(no output: L1's QEMU exited: {story})\n", seconds, crashed=story)

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import SetupError
+from harness.errors import SetupError, StepTimeout
 from harness.guests import L1Image, build_tools, module_depends, module_load_order
+from harness.machine import Machine, MachineConfig
+from harness.ports import free_port
+from harness.scenario import NO_PROFILE, RunContext
 
 
 def test_module_depends_parses_modinfo():
@@ -76,3 +79,22 @@ def test_l1work_oracle_verifies_then_catches_corruption(tmp_path: Path):
     finally:
         p.terminate()
         p.wait(timeout=10)
+
+
+@pytest.mark.qemu
+def test_an_l1_that_panics_at_boot_says_so_not_just_exit_0(ctx: RunContext, tmp_path: Path):
+    # No init in reach: the kernel panics, panic=-1 under -no-reboot ends QEMU with 0 and no
+    # stderr. The boot error must carry the panic from L1's console.
+    cfg = MachineConfig(name="l1", qemu=ctx.qemu, accel=ctx.accel, cpu=ctx.l1_cpu(NO_PROFILE),
+                        kernel=ctx.image.kernel.image, initrd=ctx.image.initramfs,
+                        append="console=ttyS0 panic=-1 rdinit=/nonexistent root=/dev/nonexistent")
+    m = Machine(cfg, tmp_path, free_port())
+    try:
+        m.launch(timeout=20)
+        with pytest.raises(StepTimeout) as e:
+            m.wait_guest_event("ready", 120)
+    finally:
+        m.shutdown()
+    assert m.returncode == 0
+    assert "QEMU exited: status 0, no stderr" in str(e.value)
+    assert "Kernel panic - not syncing" in str(e.value), str(e.value)

@@ -1,0 +1,42 @@
+"""What a Linux kernel's log lines say: which mean it was hurt, and how its QEMU ended.
+
+Pure text functions, shared by the machine (a QEMU that exited), the checks and the selftests.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Kernel log lines that mean L1 (or its KVM) was hurt; KVM's own warnings come with "kvm".
+BAD_KERNEL_LINE = re.compile(
+    r"WARNING:|\bOops\b|\bBUG:|kernel BUG at|general protection fault|Kernel panic|Call Trace:|"
+    r"list_(?:add|del) corruption|invalid opcode: \d+ \[#|\[#\d+\] (?:PREEMPT|SMP)|"
+    r"bad rss-counter|NX-protected page|"
+    r"kvm.*(?:error|fail|unsupported|unhandled|invalid)|soft lockup|hung_task|"
+    r"unsupported EVMCS|nested_vmx.*fail|rcu_sched detected stall|rcu: INFO",
+    re.IGNORECASE,
+)
+
+
+def bad_lines(lines: list[str]) -> list[str]:
+    """The lines that mean the kernel (or its KVM) was hurt, stripped, in order."""
+    return [ln.strip() for ln in lines if BAD_KERNEL_LINE.search(ln)]
+
+
+def qemu_exit_story(error_lines: list[str], returncode: int | None, console: list[str]) -> str:
+    """How an L1's QEMU ended, in one line: its stderr, else its status and L1's last words."""
+    if error_lines:
+        return " | ".join(error_lines[-3:])
+    if returncode is not None and returncode < 0:
+        how = f"killed by signal {-returncode}"
+    elif returncode == 0:
+        how = "status 0, no stderr (L1 powered off, or reset under -no-reboot)"
+    else:
+        how = f"status {returncode}, no stderr"
+    bad = bad_lines(console)
+    if not bad:
+        return how
+    # The panic line says how it ended; the first bad line is usually why.
+    last = ([ln for ln in bad if "Kernel panic" in ln] or bad)[-1]
+    first = "" if last == bad[0] else f" (first of {len(bad)} bad lines: {bad[0][:160]})"
+    return f"{how}; L1 console: {last[:160]}{first}"

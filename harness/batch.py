@@ -79,7 +79,8 @@ def mode_knobs(args: argparse.Namespace) -> dict[str, Any]:
     return {"channels": args.channels, "threads": args.threads,
             "decompress_threads": args.decompress_threads, "level": args.level,
             "wait_thread": args.wait_thread == "on", "xbzrle_cache_mib": args.xbzrle_cache_mib,
-            "transport": args.transport, "downtime_limit_ms": args.downtime_limit_ms}
+            "transport": args.transport, "downtime_limit_ms": args.downtime_limit_ms,
+            "max_bandwidth_mib": args.max_bandwidth_mib}
 
 
 def wants_batch(args: argparse.Namespace) -> bool:

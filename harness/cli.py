@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="legacy compress-wait-thread")
     r.add_argument("--xbzrle-cache-mib", type=int, default=64)
     r.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
+    r.add_argument("--max-bandwidth-mib", type=int, default=0, metavar="MIB",
+                   help="QEMU max-bandwidth in MiB/s (default 0: unthrottled); throttling forces "
+                        "more passes and dirty syncs")
     r.add_argument("--downtime-limit-ms", type=int, metavar="MS",
                    help="QEMU downtime-limit (default: QEMU's own, 300): larger converges in "
                         "fewer dirty syncs")

@@ -52,6 +52,8 @@ class MigrationMode:
             raise UsageError(f"unknown transport '{self.transport}' (tcp or unix)")
         if self.channels < 1 or self.threads < 1 or self.decompress_threads < 1:
             raise UsageError("--channels and --threads must be at least 1")
+        if self.max_bandwidth_mib < 0:
+            raise UsageError(f"--max-bandwidth-mib {self.max_bandwidth_mib} is negative (0: unthrottled)")
         if self.downtime_limit_ms is not None and not 1 <= self.downtime_limit_ms <= 2_000_000:
             # QEMU refuses downtime-limit past 2000 s; saying so here beats its QMP error later.
             raise UsageError(f"--downtime-limit-ms {self.downtime_limit_ms} is not in 1..2000000")

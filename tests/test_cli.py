@@ -27,6 +27,7 @@ def nestvirt(*args: str, timeout: float = 60, env: dict | None = None) -> subpro
     (["run", "migrate-plain", "--out", "/proc/nestvirt-out"], "not writable"),
     (["run", "--level", "30", "--compression", "multifd-zlib"], "--level 30"),
     (["run", "migrate-plain", "--downtime-limit-ms", "-5"], "--downtime-limit-ms -5"),
+    (["run", "migrate-plain", "--max-bandwidth-mib", "-1"], "--max-bandwidth-mib -1"),
     (["frobnicate"], "invalid choice"),
     (["run", "--accel", "warp"], "invalid choice"),
 ])

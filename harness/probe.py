@@ -353,7 +353,8 @@ async def _qemu_sessions(
     binary: str, *, try_kvm: bool
 ) -> tuple[dict[str, Any], tuple[bool, str] | None]:
     """Run the schema QEMU and (optionally) the KVM QEMU side by side."""
-    with tempfile.TemporaryDirectory(prefix="nestvirt-probe-") as tmp:
+    # The pid in the name says whose probe a QEMU belongs to (ps shows the socket path).
+    with tempfile.TemporaryDirectory(prefix=f"nestvirt-probe-{os.getpid()}-") as tmp:
         schema_args = ["-machine", "none", "-accel", "tcg"]
         kvm_args = ["-accel", "kvm", "-cpu", "host", "-machine", "q35", "-S"]
         jobs: list[Awaitable[Any]] = [

@@ -29,8 +29,9 @@ needs_qemu = pytest.mark.skipif(not _HAVE_QEMU, reason="no qemu-system-x86_64 on
 
 
 def _leftovers() -> list[str]:
-    """Children of this test process (alive or zombie) and any process still using a
-    probe socket directory (which would catch an orphan re-parented to init)."""
+    """Children of this test process (alive or zombie) and any process still using a probe
+    socket directory of this process (an orphan re-parented to init). Probes of other xdist
+    workers and CLI subprocesses carry their own pid and are not ours to judge."""
     found = []
     me = str(os.getpid())
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -43,7 +44,7 @@ def _leftovers() -> list[str]:
         state, ppid = text.rpartition(")")[2].split()[:2]
         if "multiprocessing.resource_tracker" in cmdline:
             continue  # Python's own per-interpreter helper (started by the parallel runner tests)
-        if ppid == me or "nestvirt-probe-" in cmdline:
+        if ppid == me or f"nestvirt-probe-{me}-" in cmdline:
             found.append(f"pid {stat.parent.name} state {state}: {cmdline.strip()}")
     return found
 

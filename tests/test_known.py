@@ -109,5 +109,10 @@ def test_a_real_lost_write_run_is_recognised(ctx):
     if r.verdict == "pass":
         pytest.skip(f"QEMU lost nothing L1 noticed in this run ({syncs} syncs)")
     assert r.verdict == "fail", r.reason
+    failed = {c.name for c in r.checks if not c.ok}
+    if failed <= {"l1-ssh-on-dst", "l1-responsive-on-dst"}:
+        # By design a signature needs evidence; an L1 that went silent without a kernel line
+        # or a bad page gives none, and stays a plain fail.
+        pytest.skip(f"L1 went silent without evidence this time ({syncs} syncs): {r.reason[:200]}")
     known.classify([r], known.load(), ctx.accel, ctx.host.qemu.version)
     assert r.verdict == "known-issue" and "qemu72-tcg-lost-dirty-pages" in r.reason, r.reason

@@ -1,24 +1,19 @@
 #include <sched.h>
 #include <stdio.h>
-#include <string.h>
+
+#include "nestvirt_only.h"
 
 /*
  * Makes a nestvirt L1 stop answering: a SCHED_FIFO busy loop with RT throttling off starves
  * every other task on L1's one vCPU, the runner's own deadline included. Outside such an L1
- * (no nestvirt.sshkey= on the command line) it refuses, so it never starves a real host.
+ * it refuses, so it never starves a real host.
  */
 int main(void)
 {
 	struct sched_param param = { .sched_priority = 99 };
-	char cmdline[4096] = "";
-	FILE *f = fopen("/proc/cmdline", "r");
+	FILE *f;
 
-	if (f) {
-		if (!fgets(cmdline, sizeof(cmdline), f))
-			cmdline[0] = '\0';
-		fclose(f);
-	}
-	if (!strstr(cmdline, "nestvirt.sshkey=")) {
+	if (!inside_nestvirt_l1()) {
 		printf("1..0 # SKIP - only inside a nestvirt L1\n");
 		return 4;
 	}

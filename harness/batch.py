@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from .results import (
     load_results,
     prepare_out,
     result_from_json,
+    run_record,
     tap,
     write_results,
 )
@@ -99,7 +99,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     from .enlightenments import resolve_profile
     from .guests import build_l1, build_tools
     from .kernel import find_kernel
-    from .probe import probe
+    from .probe import probe, warn_if_emulated
     from .suite import apply_profile, expand
 
     if args.repeat is not None and args.repeat < 1:
@@ -129,9 +129,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     kernel = None if image else find_kernel(args.kernel, args.modules)
     out = prepare_out(args.out)
     facts = probe(args.accel)
-    if facts.accel != "kvm":
-        # Loud on purpose: a nested run silently emulated is the trap this line prevents.
-        print(f"nestvirt: accel {facts.accel}: {facts.accel_reason}", file=sys.stderr)
+    warn_if_emulated(facts)
     if vdoc and vdoc.get("qemu") and vdoc["qemu"].get("version") not in (None, facts.qemu.version):
         print(f"nestvirt: warning: variant ran on QEMU {vdoc['qemu']['version']}, this one is "
               f"{facts.qemu.version} ({facts.qemu.binary})", file=sys.stderr)
@@ -153,10 +151,9 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     budget = HostBudget()
     parallel = args.jobs if args.jobs else (budget.cpus if args.jobs == 0 else 1)
     jobs = make_jobs(plan, repeat, out, facts.to_json(), image.to_json(), signatures_json(sigs))
-    run_info = {"argv": sys.argv, "started": time.strftime("%FT%T%z"), "image": image.to_json(),
-                "out": str(out), "pid": os.getpid(), "jobs": parallel, "repeat": repeat,
-                "until_fail": args.until_fail,
-                "budget": {"cpus": budget.cpus, "mem_reserve_mib": budget.mem_reserve_mib}}
+    run_info = run_record(out, image=image.to_json(), jobs=parallel, repeat=repeat,
+                          until_fail=args.until_fail,
+                          budget={"cpus": budget.cpus, "mem_reserve_mib": budget.mem_reserve_mib})
     extra: dict[str, Any] = {"matrix": {"name": plan.name, "source": plan.source,
                                         "variants": len(plan.variants)},
                              "pruned": [p.to_json() for p in plan.pruned]}

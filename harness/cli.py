@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
@@ -14,7 +13,7 @@ from typing import NoReturn
 from . import known, proc
 from .errors import SetupError, UsageError
 from .migration import COMPRESSION_MODES
-from .results import link_latest, prepare_out
+from .results import link_latest, prepare_out, run_record
 from .scenario import INJECTIONS, RunContext, ScenarioResult, Variant
 from .suite import SCENARIOS, SMOKE, apply_profile, expand, runner_for
 
@@ -196,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .enlightenments import resolve_profile
     from .guests import build_l1, build_tools
     from .kernel import find_kernel
-    from .probe import probe
+    from .probe import probe, warn_if_emulated
     from .results import write_results
 
     if wants_batch(args):
@@ -210,14 +209,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     facts = probe(args.accel)
     profile = resolve_profile(args.profile, args.hv, l1_nested=facts.l1_nested, vendor=facts.vendor)
     variants = apply_profile(variants, profile, l1_nested=facts.l1_nested, vendor=facts.vendor)
-    if facts.accel != "kvm":
-        # Loud on purpose: a nested run silently emulated is the trap this line prevents.
-        print(f"nestvirt: accel {facts.accel}: {facts.accel_reason}", file=sys.stderr)
+    warn_if_emulated(facts)
     tools = build_tools()
     image = build_l1(kernel, tools)
     ctx = RunContext(host=facts, image=image, out=out)
-    run_info = {"argv": sys.argv, "started": time.strftime("%FT%T%z"), "image": image.to_json(),
-                "out": str(out), "pid": os.getpid()}
+    run_info = run_record(out, image=image.to_json())
     results: list[ScenarioResult] = []
     t0 = time.monotonic()
     try:
@@ -270,7 +266,7 @@ def cmd_vmexit(args: argparse.Namespace) -> int:
     from .enlightenments import dependency_problems, get_profile, parse_hv_list
     from .guests import build_l1, build_tools
     from .kernel import find_kernel
-    from .probe import probe
+    from .probe import probe, warn_if_emulated
     from .vmexit import check_numbers, default_plan, plan_profiles, run_vmexit
 
     # Everything the user typed is checked before anything starts (the probe starts QEMU).
@@ -288,13 +284,10 @@ def cmd_vmexit(args: argparse.Namespace) -> int:
     profiles = plan_profiles(args.profile, args.hv, l1_nested=facts.l1_nested, vendor=facts.vendor)
     plan = default_plan(profiles, facts.accel, reports=args.reports, iters=args.iters,
                         repeat=args.repeat, migrate=not args.no_migrate)
-    if facts.accel != "kvm":
-        # Loud on purpose: an emulated exit cost is not a hardware figure.
-        print(f"nestvirt: accel {facts.accel}: {facts.accel_reason}", file=sys.stderr)
+    warn_if_emulated(facts)
     image = build_l1(kernel, build_tools())
     ctx = RunContext(host=facts, image=image, out=out)
-    run_info = {"argv": sys.argv, "started": time.strftime("%FT%T%z"), "image": image.to_json(),
-                "out": str(out), "pid": os.getpid()}
+    run_info = run_record(out, image=image.to_json())
     results: list[ScenarioResult] = []
     t0 = time.monotonic()
     try:
@@ -311,7 +304,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from .guests import build_l1, build_tools
     from .kernel import find_kernel
     from .kselftest import select
-    from .probe import probe
+    from .probe import probe, warn_if_emulated
     from .results import exit_status, junit_xml, tap, write_results
 
     if args.timeout is not None and args.timeout <= 0:
@@ -336,11 +329,9 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     profile = resolve_profile(args.profile, None, l1_nested=facts.l1_nested, vendor=facts.vendor)
     timeout = args.timeout or build.timeout_s or st.DEFAULT_TIMEOUT_S
     plan = st.SelftestPlan(build, tuple(names), timeout, args.on, profile, args.mem, args.smp)
-    if facts.accel != "kvm":
-        print(f"nestvirt: accel {facts.accel}: {facts.accel_reason}", file=sys.stderr)
-    run_info = {"argv": sys.argv, "started": time.strftime("%FT%T%z"), "out": str(out),
-                "pid": os.getpid(), "selftests": build.to_json(), "on": args.on,
-                "timeout_s": timeout, "setup_seconds": setup_s, "kernel": kernel.to_json()}
+    warn_if_emulated(facts)
+    run_info = run_record(out, selftests=build.to_json(), on=args.on, timeout_s=timeout,
+                          setup_seconds=setup_s, kernel=kernel.to_json())
 
     def progress(i: int, n: int, name: str) -> None:
         if not args.json:

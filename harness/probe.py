@@ -13,6 +13,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -234,6 +235,13 @@ def probe(accel: str = "auto", qemu_binary: str | None = None) -> HostFacts:
         l1_cpu=l1_cpu, l1_nested=l1_nested, host_kernel=os.uname().release,
         kvm=kvm, qemu=qemu,
     )
+
+
+def warn_if_emulated(facts: HostFacts) -> None:
+    """One stderr line when a run will be emulated: loud on purpose, since a nested run (or an
+    exit cost) silently measured under TCG is the trap this prevents."""
+    if facts.accel != "kvm":
+        print(f"nestvirt: accel {facts.accel}: {facts.accel_reason}", file=sys.stderr)
 
 
 def decide_accel(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -134,7 +134,16 @@ def median(values: Sequence[float]) -> float:
 _W, _H, _L, _R, _T, _B = 560, 280, 64, 16, 36, 58
 
 
-def _frame(plot_id: str, title: str, unit: str, ticks: list[float], y: Any) -> list[str]:
+def _frame(plot_id: str, title: str, unit: str, top_value: float,
+           columns: int) -> tuple[list[str], Callable[[float], float], float]:
+    """The plot's opening SVG, title, unit and grid up to a nice tick over top_value; with the
+    value-to-y scale and the width of one of `columns` category bands."""
+    ticks = nice_ticks(top_value)
+    top = ticks[-1] or 1.0
+
+    def y(v: float) -> float:
+        return _T + (_H - _T - _B) * (1 - v / top)
+
     out = [f'<svg class="plot" id="{escape(plot_id)}" xmlns="http://www.w3.org/2000/svg" '
            f'viewBox="0 0 {_W} {_H}" width="{_W}" height="{_H}" role="img" '
            f'aria-label="{escape(title)}">',
@@ -146,7 +155,7 @@ def _frame(plot_id: str, title: str, unit: str, ticks: list[float], y: Any) -> l
         yy = y(t)
         out.append(f'<line x1="{_L}" x2="{_W - _R}" y1="{yy:.1f}" y2="{yy:.1f}" class="g"/>')
         out.append(f'<text x="{_L - 6}" y="{yy + 4:.1f}" text-anchor="end" class="a">{fmt(t)}</text>')
-    return out
+    return out, y, (_W - _L - _R) / max(1, columns)
 
 
 def _category_labels(names: Sequence[str], x0: float, band: float, counts: Sequence[str]) -> list[str]:
@@ -163,12 +172,8 @@ def _category_labels(names: Sequence[str], x0: float, band: float, counts: Seque
 def strip_plot(plot_id: str, title: str, unit: str, groups: Mapping[str, Sequence[Point]]) -> str:
     """One column of points per group, coloured by verdict, with the median as a bar."""
     values = [p.value for g in groups.values() for p in g]
-    ticks = nice_ticks(max(values) if values else 1.0)
-    top = ticks[-1] or 1.0
-    y = lambda v: _T + (_H - _T - _B) * (1 - v / top)  # noqa: E731 - local scale
-    out = _frame(plot_id, title, unit, ticks, y)
     names = list(groups)
-    band = (_W - _L - _R) / max(1, len(names))
+    out, y, band = _frame(plot_id, title, unit, max(values) if values else 1.0, len(names))
     for i, name in enumerate(names):
         pts = groups[name]
         cx = _L + band * (i + 0.5)
@@ -199,12 +204,8 @@ def box_plot(plot_id: str, title: str, unit: str, boxes: Mapping[str, Mapping[st
         return float(lo), float(hi)
 
     top_value = max((lo_hi(f)[1] for f in boxes.values()), default=1.0)
-    ticks = nice_ticks(top_value)
-    top = ticks[-1] or 1.0
-    y = lambda v: _T + (_H - _T - _B) * (1 - v / top)  # noqa: E731 - local scale
-    out = _frame(plot_id, title, unit, ticks, y)
     names = list(boxes)
-    band = (_W - _L - _R) / max(1, len(names))
+    out, y, band = _frame(plot_id, title, unit, top_value, len(names))
     for i, name in enumerate(names):
         f = boxes[name]
         cx = _L + band * (i + 0.5)

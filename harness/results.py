@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,12 @@ from .errors import UsageError
 from .scenario import ScenarioResult
 
 SCHEMA_VERSION = 1
+
+
+def run_record(out: Path, **fields: Any) -> dict[str, Any]:
+    """results.json's "run" block as a run opens: how it was called, when, where, by whom."""
+    return {"argv": sys.argv, "started": time.strftime("%FT%T%z"), "out": str(out),
+            "pid": os.getpid(), **fields}
 
 
 def write_results(out: Path, host: dict, results: list[ScenarioResult],

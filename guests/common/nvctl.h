@@ -37,6 +37,20 @@ static void die(int code, const char *fmt, ...)
 	exit(code);
 }
 
+/* getopt_long stopped on an option CMD does not know, or on one missing its value. */
+__attribute__((noreturn))
+static void die_bad_option(const char *cmd, char **argv)
+{
+	die(EXIT_USAGE, "%s: unknown option or missing value: '%s'", cmd, argv[optind - 1]);
+}
+
+/* Every command takes options only: anything left after them is a usage error. */
+static void need_no_args(const char *cmd, int argc, char **argv)
+{
+	if (optind != argc)
+		die(EXIT_USAGE, "%s: unexpected argument '%s'", cmd, argv[optind]);
+}
+
 static uint64_t now_ns(void)
 {
 	struct timespec ts;
@@ -196,10 +210,9 @@ static int ctl_corrupt(int argc, char **argv)
 		if (c == 'p')
 			pidfile = optarg;
 		else
-			die(EXIT_USAGE, "corrupt: unknown option or missing value: '%s'", argv[optind - 1]);
+			die_bad_option("corrupt", argv);
 	}
-	if (optind != argc)
-		die(EXIT_USAGE, "corrupt: unexpected argument '%s'", argv[optind]);
+	need_no_args("corrupt", argc, argv);
 	pid = ctl_target(pidfile);
 	if (kill(pid, SIGUSR2) < 0)
 		die(EXIT_NOTARGET, "cannot signal pid %d: %s", (int)pid, strerror(errno));
@@ -229,10 +242,9 @@ static int ctl_verify(int argc, char **argv)
 		else if (c == 't')
 			timeout = parse_pos_double("--timeout", optarg);
 		else
-			die(EXIT_USAGE, "verify: unknown option or missing value: '%s'", argv[optind - 1]);
+			die_bad_option("verify", argv);
 	}
-	if (optind != argc)
-		die(EXIT_USAGE, "verify: unexpected argument '%s'", argv[optind]);
+	need_no_args("verify", argc, argv);
 	if (!result)
 		die(EXIT_USAGE, "verify: --result is required");
 	pid = ctl_target(pidfile);

@@ -284,11 +284,10 @@ static int cmd_run(int argc, char **argv)
 		case 's': g_status = optarg; break;
 		case 'R': g_result = optarg; break;
 		case 'p': g_pidfile = optarg; break;
-		default: die(EXIT_USAGE, "run: unknown option or missing value: '%s'", argv[optind - 1]);
+		default: die_bad_option("run", argv);
 		}
 	}
-	if (optind != argc)
-		die(EXIT_USAGE, "run: unexpected argument '%s'", argv[optind]);
+	need_no_args("run", argc, argv);
 	g_pages = g_mib * (1u << 20) / PAGE;
 	if (g_nthreads > g_pages)
 		die(EXIT_USAGE, "--threads %llu exceeds the %llu pages",

@@ -560,11 +560,10 @@ static int cmd_run(int argc, char **argv)
 		case 'l': o->log = optarg; break;
 		case 'R': o->result = optarg; break;
 		case 'p': o->pidfile = optarg; break;
-		default: die(EXIT_USAGE, "run: unknown option or missing value: '%s'", argv[optind - 1]);
+		default: die_bad_option("run", argv);
 		}
 	}
-	if (optind != argc)
-		die(EXIT_USAGE, "run: unexpected argument '%s'", argv[optind]);
+	need_no_args("run", argc, argv);
 	if (!o->payload)
 		die(EXIT_USAGE, "run: --payload is required");
 	if (o->mem_kib % 4)
@@ -678,10 +677,9 @@ static int cmd_hold(int argc, char **argv)
 		else if (c == 's')
 			status = optarg;
 		else
-			die(EXIT_USAGE, "hold: unknown option or missing value: '%s'", argv[optind - 1]);
+			die_bad_option("hold", argv);
 	}
-	if (optind != argc)
-		die(EXIT_USAGE, "hold: unexpected argument '%s'", argv[optind]);
+	need_no_args("hold", argc, argv);
 	/* wait synchronously for the stop signals; USR1/USR2 must not kill a holder */
 	sigemptyset(&set);
 	sigaddset(&set, SIGTERM);
@@ -724,10 +722,9 @@ static int cmd_l1loop(int argc, char **argv)
 		else if (c == 'r')
 			reports = parse_u64("--reports", optarg, 0, 10000000);
 		else
-			die(EXIT_USAGE, "l1loop: unknown option or missing value: '%s'", argv[optind - 1]);
+			die_bad_option("l1loop", argv);
 	}
-	if (optind != argc)
-		die(EXIT_USAGE, "l1loop: unexpected argument '%s'", argv[optind]);
+	need_no_args("l1loop", argc, argv);
 	if (strcmp(kind, "cpuid"))
 		die(EXIT_USAGE, "l1loop: --kind must be cpuid, got '%s'", kind);
 	t_last = now_ns();

@@ -147,8 +147,8 @@ def test_avocado_recipe_lists_one_test_per_variant(tmp_path: Path):
     ls = run([sys.executable, "-m", "avocado", "list", str(recipe)])
     assert ls.returncode == 0, ls.stderr
     assert re.findall(r"avocado-instrumented\s+(\S+)", ls.stdout) == [
-        "migrate-bare/none+l1_mib=16+l1_rate_mib_s=1",
-        "migrate-plain/multifd-zstd+l1_mib=16+l1_rate_mib_s=1",
+        "migrate-bare/none+downtime_limit_ms=5000+l1_mib=16+l1_rate_mib_s=1",
+        "migrate-plain/multifd-zstd+downtime_limit_ms=5000+l1_mib=16+l1_rate_mib_s=1",
         "migrate-plain/none/windows"]
 
 

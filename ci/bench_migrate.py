@@ -30,12 +30,13 @@ TOOLS = "/usr/lib/nestvirt"
 
 
 def one_harness(out: Path) -> dict:
-    from harness.guests import build_l1, build_tools
-    from harness.kernel import find_kernel
-    from harness.migration import MigrationMode
-    from harness.probe import probe
-    from harness.scenario import RunContext, Variant, run_variant
-    from harness.suite import SCENARIOS
+    from harness.guest.image import build_l1, build_tools
+    from harness.guest.kernel import find_kernel
+    from harness.host.probe import probe
+    from harness.scenario.engine import RunContext, run_variant
+    from harness.scenario.spec import Variant
+    from harness.scenario.suite import SCENARIOS
+    from harness.vm.migration import MigrationMode
 
     facts = probe()
     image = build_l1(find_kernel(), build_tools())
@@ -51,8 +52,8 @@ def one_bare(out: Path) -> dict:
     import paramiko
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
-    from harness.guests import build_l1, build_tools
-    from harness.kernel import find_kernel
+    from harness.guest.image import build_l1, build_tools
+    from harness.guest.kernel import find_kernel
 
     image = build_l1(find_kernel(), build_tools())
     key = paramiko.ECDSAKey.generate(bits=256)

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import known, proc
-from harness.guests import L1Image, build_l1, build_tools
-from harness.kernel import find_kernel
-from harness.probe import HostFacts, probe
-from harness.scenario import RunContext, ScenarioResult
+from harness.core import proc
+from harness.guest.image import L1Image, build_l1, build_tools
+from harness.guest.kernel import find_kernel
+from harness.host.probe import HostFacts, probe
+from harness.results import known
+from harness.scenario.engine import RunContext
+from harness.scenario.result import ScenarioResult
 
 DATA = Path(__file__).parent / "data"
 SIGNATURES = known.load()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness import checks as ck
+from harness.scenario import checks as ck
 
 DATA = Path(__file__).parent / "data"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import enlightenments as en
-from harness.enlightenments import Profile
-from harness.errors import UsageError
-from harness.hvcpuid import HV_FEATURE_BITS, supported_hv_flags
+from harness.core.errors import UsageError
+from harness.host import enlightenments as en
+from harness.host.enlightenments import Profile
+from harness.host.hvcpuid import HV_FEATURE_BITS, supported_hv_flags
 
 DATA = Path(__file__).parent / "data" / "hvcpuid"
 

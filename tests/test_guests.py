@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import SetupError, StepTimeout
-from harness.guests import L1Image, build_tools, module_depends, module_load_order
-from harness.machine import Machine, MachineConfig
-from harness.ports import free_port
-from harness.scenario import NO_PROFILE, RunContext
+from harness.core.errors import SetupError, StepTimeout
+from harness.core.ports import free_port
+from harness.guest.image import L1Image, build_tools, module_depends, module_load_order
+from harness.scenario.engine import RunContext
+from harness.scenario.spec import NO_PROFILE
+from harness.vm.machine import Machine, MachineConfig
 
 
 def test_module_depends_parses_modinfo():

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import enlightenments as en
-from harness import hvcpuid as hc
-from harness.checks import Check
-from harness.enlightenments import Profile
+from harness.host import enlightenments as en
+from harness.host import hvcpuid as hc
+from harness.host.enlightenments import Profile
+from harness.scenario import hv_checks as hvc
+from harness.scenario.checks import Check
 
 DATA = Path(__file__).parent / "data" / "hvcpuid"
 
@@ -43,7 +44,7 @@ KVM61_INTEL = {
 }
 
 # (flag, leaf, register, bit): TLFS positions as written in Linux hyperv-tlfs.h, stated here
-# independently of harness/hvcpuid.py so a wrong constant there fails.
+# independently of harness/host/hvcpuid.py so a wrong constant there fails.
 BIT_SPEC = [
     ("hv-runtime", 0x40000003, "eax", 0),
     ("hv-time", 0x40000003, "eax", 1),
@@ -209,17 +210,17 @@ def windows_vmx() -> Profile:
 
 
 def test_l1_sees_enlightenments_passes():
-    check = hc.l1_sees_enlightenments(windows_vmx(), l1("l1_kvm_windows_evmcs.txt"))
+    check = hvc.l1_sees_enlightenments(windows_vmx(), l1("l1_kvm_windows_evmcs.txt"))
     assert check.ok, check.detail
     assert check.name == "l1-sees-enlightenments"
     assert "eVMCS 1..1" in check.detail
     linux = en.resolve_profile("evmcs-linux", None, l1_nested="vmx")
-    assert hc.l1_sees_enlightenments(linux, l1("l1_kvm_evmcs_linux.txt")).ok
-    assert hc.l1_sees_enlightenments(en.get_profile("none"), l1("l1_kvm_plain.txt")).ok
+    assert hvc.l1_sees_enlightenments(linux, l1("l1_kvm_evmcs_linux.txt")).ok
+    assert hvc.l1_sees_enlightenments(en.get_profile("none"), l1("l1_kvm_plain.txt")).ok
 
 
 def test_l1_sees_enlightenments_fails_under_tcg():
-    check = hc.l1_sees_enlightenments(windows_vmx(), l1("l1_tcg_qemu72.txt"))
+    check = hvc.l1_sees_enlightenments(windows_vmx(), l1("l1_tcg_qemu72.txt"))
     assert not check.ok
     assert "no Hyper-V interface" in check.detail and "TCGTCGTCGTCG" in check.detail
 
@@ -228,7 +229,7 @@ def test_l1_sees_enlightenments_fails_on_missing_flag_and_values():
     view = l1("l1_kvm_windows_evmcs.txt")
     asked = en.resolve_profile("windows", "hv-crash,hv-spinlocks=0xfff,hv-vendor-id=KVMKVM",
                                l1_nested="vmx")
-    check = hc.l1_sees_enlightenments(asked, view)
+    check = hvc.l1_sees_enlightenments(asked, view)
     assert not check.ok
     assert "missing hv-crash" in check.detail
     assert "hv-spinlocks=0xfff but L1 sees 0x1fff" in check.detail
@@ -237,27 +238,27 @@ def test_l1_sees_enlightenments_fails_on_missing_flag_and_values():
 
 def test_l1_sees_enlightenments_fails_when_kvm_not_hidden():
     linux = en.resolve_profile("evmcs-linux", None, l1_nested="vmx")
-    check = hc.l1_sees_enlightenments(linux, l1("l1_kvm_windows_evmcs.txt"))
+    check = hvc.l1_sees_enlightenments(linux, l1("l1_kvm_windows_evmcs.txt"))
     assert not check.ok and "kvm=off asked for but KVM leaves are at 0x40000100" in check.detail
 
 
 def test_l1_sees_enlightenments_fails_for_none_on_hyperv():
-    check = hc.l1_sees_enlightenments(en.get_profile("none"), l1("l1_kvm_windows_evmcs.txt"))
+    check = hvc.l1_sees_enlightenments(en.get_profile("none"), l1("l1_kvm_windows_evmcs.txt"))
     assert not check.ok
 
 
 def test_l1_sees_enlightenments_flags_truncated_dump():
     text = (DATA / "l1_kvm_windows_evmcs.txt").read_text().splitlines()
     cut = "\n".join(x for x in text if not x.startswith("0x4000000a") and x != "# end")
-    check = hc.l1_sees_enlightenments(windows_vmx(), hc.decode_l1_cpuid(cut))
+    check = hvc.l1_sees_enlightenments(windows_vmx(), hc.decode_l1_cpuid(cut))
     assert not check.ok and "truncated" in check.detail
 
 
 def test_l1_uses_evmcs_passes():
-    check = hc.l1_uses_evmcs(log("dmesg_l1_evmcs_ok.txt"))
+    check = hvc.l1_uses_evmcs(log("dmesg_l1_evmcs_ok.txt"))
     assert check.ok and check.detail.endswith("KVM: vmx: using Hyper-V Enlightened VMCS")
     newer = "[    2.1] kvm_intel: Using Hyper-V Enlightened VMCS\n"
-    assert hc.l1_uses_evmcs(newer).ok
+    assert hvc.l1_uses_evmcs(newer).ok
 
 
 @pytest.mark.parametrize(("name", "why"), [
@@ -265,17 +266,17 @@ def test_l1_uses_evmcs_passes():
     ("dmesg_l1_no_vpindex.txt", "add hv-vpindex"),
 ])
 def test_l1_uses_evmcs_fails_with_reason(name, why):
-    check = hc.l1_uses_evmcs(log(name))
+    check = hvc.l1_uses_evmcs(log(name))
     assert not check.ok and why in check.detail
 
 
 def test_l1_uses_evmcs_fails_on_empty_log():
-    check = hc.l1_uses_evmcs("")
+    check = hvc.l1_uses_evmcs("")
     assert not check.ok and "whole log" in check.detail
 
 
 def test_evmcs_log_clean_passes():
-    assert hc.evmcs_log_clean(log("dmesg_l1_evmcs_ok.txt")) == Check(
+    assert hvc.evmcs_log_clean(log("dmesg_l1_evmcs_ok.txt")) == Check(
         "evmcs-log-clean", True, "no eVMCS warnings")
 
 
@@ -284,19 +285,19 @@ def test_evmcs_log_clean_passes():
     ("dmesg_l0_evmcs_warn.txt", "at arch/x86/kvm/vmx/evmcs.c:413"),
 ])
 def test_evmcs_log_clean_catches_complaints(name, needle):
-    check = hc.evmcs_log_clean(log(name))
+    check = hvc.evmcs_log_clean(log(name))
     assert not check.ok and needle in check.detail
 
 
 def test_evmcs_log_clean_caps_shown_lines():
     text = "\n".join(f"KVM: accessing unsupported EVMCS field {i}" for i in range(5))
-    check = hc.evmcs_log_clean(text)
+    check = hvc.evmcs_log_clean(text)
     assert not check.ok and check.detail.endswith("(+2 more)")
 
 
 def test_enlightenment_checks_bundle_fails_on_garbage_and_missing_evmcs():
-    from harness.enlightenments import get_profile
-    from harness.hvcpuid import enlightenment_checks
+    from harness.host.enlightenments import get_profile
+    from harness.scenario.hv_checks import enlightenment_checks
 
     prof = get_profile("evmcs")
     checks = enlightenment_checks(prof, "not a cpuid dump", "[ 1.0] kvm: no eVMCS here")

@@ -6,14 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from harness import checks as ck
-from harness import known
-from harness.checks import Check
-from harness.errors import UsageError
-from harness.migration import MigrationMode
-from harness.results import exit_status, junit_xml
-from harness.scenario import ScenarioResult, Variant, judge_failed_checks, run_variant
-from harness.suite import SCENARIOS
+from harness.core.errors import UsageError
+from harness.results import known
+from harness.results.record import exit_status
+from harness.results.views import junit_xml
+from harness.scenario import checks as ck
+from harness.scenario.checks import Check
+from harness.scenario.engine import run_variant
+from harness.scenario.result import ScenarioResult, judge_failed_checks
+from harness.scenario.spec import Variant
+from harness.scenario.suite import SCENARIOS
+from harness.vm.migration import MigrationMode
 
 OOPS = ("l1-ssh-on-dst: SSH failed; kernel-log-clean: 3 bad line(s), first: [ 9.3] general "
         "protection fault, probably for non-canonical address")

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.batch import failure_rates, make_jobs
-from harness.errors import StepTimeout, UsageError
-from harness.matrix import (
+from harness.core.errors import StepTimeout, UsageError
+from harness.host.probe import HostFacts
+from harness.matrix.batch import failure_rates, make_jobs
+from harness.matrix.files import (
     QEMU_OVERHEAD_MIB,
     Resources,
     expand_matrix,
@@ -23,13 +24,11 @@ from harness.matrix import (
     matrix_id,
     needs,
     parse_matrix,
-    variant_from_json,
-    variant_to_json,
 )
-from harness.parallel import HostBudget, Job, Reservation, run_jobs
-from harness.probe import HostFacts
-from harness.scenario import RunContext
-from harness.suite import SCENARIOS, expand
+from harness.matrix.workers import HostBudget, Job, Reservation, run_jobs
+from harness.scenario.engine import RunContext
+from harness.scenario.spec import Variant
+from harness.scenario.suite import SCENARIOS, expand
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTS = Path(__file__).parent / "data" / "hosts"
@@ -186,16 +185,16 @@ def test_ids_do_not_depend_on_writing_defaults_out():
 def test_variant_json_round_trips_every_nightly_variant():
     plan = expand_matrix(load_matrix(REPO / "ci" / "nightly.yaml"), host("intel-kvm-evmcs"))
     for pv in plan.variants:
-        back = variant_from_json(json.loads(json.dumps(variant_to_json(pv.variant))))
+        back = Variant.from_json(json.loads(json.dumps(pv.variant.to_json())))
         assert back == pv.variant and matrix_id(back) == pv.id
 
 
 def test_variant_json_with_a_broken_profile_is_refused():
     v = plan_of({"scenario": "migrate-plain", "compression": "none"}).variants[0].variant
-    d = variant_to_json(v)
+    d = v.to_json()
     d["profile"]["flags"] = ["hv-stimer"]
     with pytest.raises(UsageError, match="hv-stimer needs"):
-        variant_from_json(d)
+        Variant.from_json(d)
 
 
 def test_needs_count_both_sides_memory_and_one_side_cpus():

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from harness.errors import UsageError
-from harness.migration import COMPRESSION_MODES, MigrationMode, summarize_stats
-from harness.probe import HostFacts
+from harness.core.errors import UsageError
+from harness.host.probe import HostFacts
+from harness.vm.migration import COMPRESSION_MODES, MigrationMode, summarize_stats
 
 from .conftest import DATA
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.batch import console_summary, failure_rates, merge_records, progress_line, view_paths
-from harness.report_html import exit_cost_panels, migration_series, nice_ticks, render_html
-from harness.results import load_results
+from harness.matrix.batch import console_summary, failure_rates, merge_records, progress_line
+from harness.results.html import exit_cost_panels, migration_series, nice_ticks, render_html
+from harness.results.record import load_results
+from harness.results.views import view_paths
 
 REPO = Path(__file__).resolve().parent.parent
 MIXED = Path(__file__).parent / "data" / "reports" / "mixed-results.json"

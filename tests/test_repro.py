@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.checks import Check
-from harness.errors import UsageError
-from harness.matrix import variant_from_json, variant_to_json
-from harness.migration import MigrationMode
-from harness.repro import compare_failure, image_from_json, load_variant_file, write_bundle
-from harness.scenario import ScenarioResult, Variant
-from harness.suite import SCENARIOS
+from harness.core.errors import UsageError
+from harness.guest.image import L1Image
+from harness.results.repro import compare_failure, load_variant_file, write_bundle
+from harness.scenario.checks import Check
+from harness.scenario.result import ScenarioResult
+from harness.scenario.spec import Variant
+from harness.scenario.suite import SCENARIOS
+from harness.vm.migration import MigrationMode
 
 REPO = Path(__file__).resolve().parent.parent
 MIXED = Path(__file__).parent / "data" / "reports" / "mixed-results.json"
@@ -41,7 +42,7 @@ def test_bundle_has_variant_host_and_a_runnable_script(tmp_path: Path):
     doc = json.loads(MIXED.read_text())
     variant = Variant(SCENARIOS["migrate-plain"], MigrationMode("multifd-zstd", channels=4))
     res = failed_result(tmp_path / "v")
-    write_bundle(res, variant_to_json(variant), doc["run"]["image"], doc["host"])
+    write_bundle(res, variant.to_json(), doc["run"]["image"], doc["host"])
     d = tmp_path / "v"
     assert {"variant.json", "host.json", "repro.sh"} <= set(os.listdir(d))
     assert set(res.artifacts["files"]) >= {"variant.json", "host.json", "repro.sh", "src-cmdline.txt"}
@@ -52,7 +53,7 @@ def test_bundle_has_variant_host_and_a_runnable_script(tmp_path: Path):
     assert "NESTVIRT_QEMU=/usr/bin/qemu-system-x86_64" in script
     assert "failed checks: l1-workload-pattern" in script
     loaded = load_variant_file(d / "variant.json")
-    assert variant_from_json(loaded["variant"]) == variant
+    assert Variant.from_json(loaded["variant"]) == variant
     assert loaded["image"]["initramfs"] == doc["run"]["image"]["initramfs"]
     assert json.loads((d / "host.json").read_text())["qemu"]["version"] == "7.2.22"
 
@@ -70,7 +71,7 @@ def test_a_bundle_whose_cached_artefacts_are_gone_is_a_usage_error(tmp_path: Pat
     image = json.loads(MIXED.read_text())["run"]["image"]
     image = dict(image, initramfs=str(tmp_path / "gone.cpio"))
     with pytest.raises(UsageError, match="is gone"):
-        image_from_json(image)
+        L1Image.from_json(image)
     (tmp_path / "bad.json").write_text('{"hello": 1}')
     cp = nestvirt("run", "--variant-json", str(tmp_path / "bad.json"), timeout=60)
     assert cp.returncode == 2 and "neither a bundle" in cp.stderr

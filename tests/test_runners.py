@@ -48,22 +48,22 @@ def pytest_plugin_args() -> list[str]:
     """A matrix outside ci/ has no ci/conftest.py to register the plugin: name it, unless
     the installed package's pytest11 entry point already does."""
     eps = importlib.metadata.entry_points(group="pytest11")
-    return [] if any(ep.value == "harness.pytest_plugin" for ep in eps) else [
-        "-p", "harness.pytest_plugin"]
+    return [] if any(ep.value == "harness.runners.pytest_plugin" for ep in eps) else [
+        "-p", "harness.runners.pytest_plugin"]
 
 
 def avocado_plugins(tmp: Path) -> Path | None:
     """What `pip install` would register, as a dist-info on PYTHONPATH (None: installed)."""
     eps = importlib.metadata.entry_points(group="avocado.plugins.resolver")
-    if any(ep.value == "harness.avocado_runner:MatrixResolver" for ep in eps):
+    if any(ep.value == "harness.runners.avocado_plugin:MatrixResolver" for ep in eps):
         return None
     site = tmp / "site"
     info = site / "nestvirt_plugins-0.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: nestvirt-plugins\nVersion: 0.0\n")
     (info / "entry_points.txt").write_text(
-        "[avocado.plugins.resolver]\nnestvirt-matrix = harness.avocado_runner:MatrixResolver\n\n"
-        "[avocado.plugins.job.prepost]\nnestvirt-report = harness.avocado_runner:MatrixJobPost\n")
+        "[avocado.plugins.resolver]\nnestvirt-matrix = harness.runners.avocado_plugin:MatrixResolver\n\n"
+        "[avocado.plugins.job.prepost]\nnestvirt-report = harness.runners.avocado_plugin:MatrixJobPost\n")
     return site
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from harness import kselftest as ks
-from harness import selftests as st
-from harness.kselftest import SelftestRun
-from harness.probe import HostFacts
-from harness.results import junit_xml, tap
-from harness.scenario import RunContext, ScenarioResult
-from harness.selftest_build import SelftestBuild, build_tree, kernel_banner, prebuilt, tree_key
+from harness.host.probe import HostFacts
+from harness.results.views import junit_xml, tap
+from harness.scenario.engine import RunContext
+from harness.scenario.result import ScenarioResult
+from harness.selftests import kselftest as ks
+from harness.selftests import run as st
+from harness.selftests.build import SelftestBuild, build_tree, kernel_banner, prebuilt, tree_key
+from harness.selftests.kselftest import SelftestRun
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "selftests"
@@ -231,7 +232,7 @@ def test_builds_are_cached_by_content(fake_build: SelftestBuild, tmp_path: Path)
 
 
 def test_a_tree_without_kvm_selftests_is_a_usage_error(tmp_path: Path, cache: Path):
-    from harness.errors import UsageError
+    from harness.core.errors import UsageError
 
     with pytest.raises(UsageError, match="no tools/testing/selftests/kvm/Makefile"):
         build_tree(tmp_path, "tree:empty")
@@ -253,8 +254,8 @@ def test_prebuilt_lists_static_binaries_and_refuses_dynamic_ones(fake_build: Sel
 
 
 def test_overlay_is_the_base_archive_then_one_more(tmp_path: Path, cache: Path):
-    from harness.guests import GuestTools, L1Image, with_overlay
-    from harness.kernel import Kernel
+    from harness.guest.image import GuestTools, L1Image, with_overlay
+    from harness.guest.kernel import Kernel
 
     base = tmp_path / "base.cpio"
     base.write_bytes(b"070701" + b"0" * 506)  # stands in for the cached base: bytes kept as is
@@ -319,9 +320,9 @@ def test_host_runner_maps_each_ending_and_kills_a_hang(fake_build: SelftestBuild
 
 def test_profile_the_host_cannot_offer_skips_every_runnable_test(fake_build: SelftestBuild,
                                                                 tmp_path: Path):
-    from harness.enlightenments import resolve_profile
-    from harness.guests import GuestTools, L1Image
-    from harness.kernel import Kernel
+    from harness.guest.image import GuestTools, L1Image
+    from harness.guest.kernel import Kernel
+    from harness.host.enlightenments import resolve_profile
 
     facts = host("tcg-debian12")
     profile = resolve_profile(None, "hv-relaxed", l1_nested=facts.l1_nested, vendor=facts.vendor)
@@ -439,7 +440,7 @@ def test_a_kernel_that_panics_during_a_test_fails_it_with_the_panic(ctx: RunCont
 @pytest.fixture(scope="session")
 def debian_build() -> SelftestBuild:
     """Debian's linux-source matching the default kernel, built once per machine (cached)."""
-    from harness.kernel import find_kernel
+    from harness.guest.kernel import find_kernel
 
     return st.resolve_build(find_kernel(), None, None, lambda line: None)
 

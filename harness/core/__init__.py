@@ -1,0 +1,1 @@
+"""Foundation every layer may use: errors, bounded subprocesses, ports, the content-keyed cache."""

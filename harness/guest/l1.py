@@ -1,0 +1,89 @@
+"""Talk to L1 over SSH (paramiko -> dropbear through QEMU's hostfwd), with a key made per run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from harness.core.errors import StepTimeout
+
+logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """A fresh key pair for one run; the public half goes on L1's kernel command line."""
+
+    private: paramiko.PKey
+
+    @classmethod
+    def generate(cls) -> RunKey:
+        return cls(paramiko.ECDSAKey.generate(bits=256))
+
+    @property
+    def cmdline_arg(self) -> str:
+        return f"nestvirt.sshkey={self.private.get_name()}:{self.private.get_base64()}"
+
+    def save(self, path: Path) -> None:
+        """Keep the private key with the run's artefacts so a person can log in by hand."""
+        self.private.write_private_key_file(str(path))
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    rc: int
+    out: str
+    err: str
+
+
+class L1Shell:
+    """An SSH session to one L1; every call is bounded by a timeout."""
+
+    def __init__(self, port: int, key: RunKey, host: str = "127.0.0.1") -> None:
+        self.port = port
+        self.key = key
+        self.host = host
+        self._client: paramiko.SSHClient | None = None
+
+    def connect(self, timeout: float = 30.0) -> float:
+        """Retry until dropbear answers; return seconds taken."""
+        t0 = time.monotonic()
+        last = "no attempt"
+        while time.monotonic() - t0 < timeout:
+            client = paramiko.SSHClient()
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+            try:
+                client.connect(self.host, port=self.port, username="root", pkey=self.key.private,
+                               timeout=5, banner_timeout=5, auth_timeout=5,
+                               allow_agent=False, look_for_keys=False)
+                self._client = client
+                return time.monotonic() - t0
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                last = f"{type(e).__name__}: {e}"
+                client.close()
+                time.sleep(0.1)
+        raise StepTimeout(f"SSH to L1 on port {self.port} failed for {timeout:g}s ({last})")
+
+    def run(self, command: str, timeout: float = 30.0) -> CommandResult:
+        """Run one shell command in L1; raise StepTimeout if it does not finish in time."""
+        if self._client is None:
+            raise StepTimeout("SSH not connected")
+        try:
+            _, stdout, stderr = self._client.exec_command(command, timeout=timeout)
+            out = stdout.read().decode(errors="replace")
+            err = stderr.read().decode(errors="replace")
+            rc = stdout.channel.recv_exit_status()
+            stdout.channel.close()  # dropbear caps open channels per connection
+        except (TimeoutError, paramiko.SSHException, EOFError, OSError) as e:
+            raise StepTimeout(f"L1 command timed out or dropped after {timeout:g}s: "
+                              f"{command[:60]!r} ({type(e).__name__})") from e
+        return CommandResult(rc, out, err)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None

@@ -1,0 +1,1 @@
+"""Matrix files to variants, the host budget and worker processes, batches, repeats."""

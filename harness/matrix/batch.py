@@ -1,0 +1,416 @@
+"""The command-line side of matrix runs: `run --matrix/-j/--repeat/--until-fail/--variant-json`,
+`matrix` (expand and list) and `report` (views of one results.json).
+
+Thin on purpose: variants come from harness.matrix.files, run through harness.matrix.workers (which calls
+the one engine, scenario.run_variant), and every view is rendered from results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from harness.core.errors import UsageError
+from harness.guest.image import L1Image
+from harness.matrix.files import (
+    Plan,
+    PlannedVariant,
+    expand_matrix,
+    load_matrix,
+    matrix_id,
+    needs,
+    plan_from_variants,
+)
+from harness.matrix.workers import (
+    FAILURE_VERDICTS,
+    HostBudget,
+    Job,
+    collect_records,
+    job_out,
+    run_jobs,
+    signatures_json,
+)
+from harness.results import known
+from harness.results.record import (
+    exit_status,
+    link_latest,
+    load_results,
+    prepare_out,
+    run_record,
+    write_results,
+)
+from harness.results.repro import compare_failure, load_variant_file
+from harness.results.views import tap, tap_name, view_paths, write_views
+from harness.scenario.result import ScenarioResult
+from harness.scenario.spec import Variant
+
+# --until-fail without --repeat: how many attempts before calling a variant stable enough.
+UNTIL_FAIL_ATTEMPTS = 10
+# Pruned variants listed one per line up to this many; beyond, counted per reason.
+PRUNED_LISTED = 40
+
+
+def add_run_options(r: argparse.ArgumentParser) -> None:
+    """Options `run` gains for matrix, parallel, repeated and replayed runs."""
+    r.add_argument("--matrix", type=Path, metavar="FILE",
+                   help="run the variants of a matrix file (ci/smoke.yaml, ci/nightly.yaml)")
+    r.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                   help="variants at once, each in its own process (0: as many as the host "
+                        "budget allows); never more than the host's CPUs and memory allow")
+    r.add_argument("--repeat", type=int, metavar="N",
+                   help="run every variant N times and report each one's failure rate")
+    r.add_argument("--until-fail", action="store_true",
+                   help="stop at the first failure (fail, error or known issue) and say which "
+                        f"attempt it was (at most --repeat attempts, default {UNTIL_FAIL_ATTEMPTS})")
+    r.add_argument("--variant-json", type=Path, metavar="FILE",
+                   help="re-run one exact variant: a repro bundle's variant.json (same cached "
+                        "kernel and initramfs) or a bare variant")
+
+
+def mode_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """The MigrationMode knobs `run` was given, keyed by MigrationMode field."""
+    return {"channels": args.channels, "threads": args.threads,
+            "decompress_threads": args.decompress_threads, "level": args.level,
+            "wait_thread": args.wait_thread == "on", "xbzrle_cache_mib": args.xbzrle_cache_mib,
+            "transport": args.transport, "downtime_limit_ms": args.downtime_limit_ms,
+            "max_bandwidth_mib": args.max_bandwidth_mib}
+
+
+def wants_batch(args: argparse.Namespace) -> bool:
+    """True when `run` should go through the matrix runner rather than the plain loop."""
+    return bool(getattr(args, "matrix", None) or getattr(args, "variant_json", None)
+                or getattr(args, "jobs", None) is not None or getattr(args, "repeat", None)
+                or getattr(args, "until_fail", False))
+
+
+# --------------------------------------------------------------------------------------------
+# run
+
+
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    """`nestvirt run` with --matrix, -j, --repeat, --until-fail or --variant-json."""
+    from harness.guest.image import build_l1, build_tools
+    from harness.guest.kernel import find_kernel
+    from harness.host.enlightenments import resolve_profile
+    from harness.host.probe import probe, warn_if_emulated
+    from harness.scenario.suite import apply_profile, expand
+
+    if args.repeat is not None and args.repeat < 1:
+        raise UsageError("--repeat must be at least 1")
+    if args.jobs is not None and args.jobs < 0:
+        raise UsageError("-j must be 0 (as many as fit) or a positive number")
+    repeat = args.repeat or (UNTIL_FAIL_ATTEMPTS if args.until_fail else 1)
+    knobs = mode_knobs(args)
+    # Everything the user typed is checked before anything starts.
+    vdoc = matrix = variants = None
+    if args.variant_json:
+        if (args.matrix or args.scenarios or args.compression or args.inject or args.profile
+                or args.hv):
+            raise UsageError("--variant-json runs one exact variant: no SCENARIO, --matrix, "
+                             "--compression, --inject, --profile or --hv")
+        vdoc = load_variant_file(args.variant_json)
+        variant = Variant.from_json(vdoc["variant"])
+    elif args.matrix:
+        if args.scenarios or args.compression or args.profile or args.hv:
+            raise UsageError("--matrix sets scenarios, compression and profiles itself: "
+                             "drop SCENARIO/--compression/--profile/--hv")
+        matrix = load_matrix(args.matrix)
+    else:
+        variants = expand(args.scenarios, args.compression, knobs, inject=args.inject)
+    sigs = [] if args.no_known_issues else known.load(args.known_issues or known.DEFAULT_FILE)
+    image = L1Image.from_json(vdoc["image"]) if vdoc and vdoc.get("image") else None
+    kernel = None if image else find_kernel(args.kernel, args.modules)
+    out = prepare_out(args.out)
+    facts = probe(args.accel)
+    warn_if_emulated(facts)
+    if vdoc and vdoc.get("qemu") and vdoc["qemu"].get("version") not in (None, facts.qemu.version):
+        print(f"nestvirt: warning: variant ran on QEMU {vdoc['qemu']['version']}, this one is "
+              f"{facts.qemu.version} ({facts.qemu.binary})", file=sys.stderr)
+    if matrix is not None:
+        plan = expand_matrix(matrix, facts, inject=args.inject)
+    elif vdoc is not None:
+        # The bundle's id (without a repeat's "#k"), so the re-run reads like the original.
+        vid = (vdoc.get("id") or matrix_id(variant)).split("#")[0]
+        plan = Plan("variant", str(args.variant_json),
+                    (PlannedVariant(0, vid, variant, needs(variant.spec), str(args.variant_json)),))
+    else:
+        profile = resolve_profile(args.profile, args.hv, l1_nested=facts.l1_nested,
+                                  vendor=facts.vendor)
+        plan = plan_from_variants(apply_profile(variants or [], profile, l1_nested=facts.l1_nested,
+                                                vendor=facts.vendor), "suite", "command line")
+    if image is None:
+        assert kernel is not None
+        image = build_l1(kernel, build_tools())
+    budget = HostBudget()
+    parallel = args.jobs if args.jobs else (budget.cpus if args.jobs == 0 else 1)
+    jobs = make_jobs(plan, repeat, out, facts.to_json(), image.to_json(), signatures_json(sigs))
+    run_info = run_record(out, image=image.to_json(), jobs=parallel, repeat=repeat,
+                          until_fail=args.until_fail,
+                          budget={"cpus": budget.cpus, "mem_reserve_mib": budget.mem_reserve_mib})
+    extra: dict[str, Any] = {"matrix": {"name": plan.name, "source": plan.source,
+                                        "variants": len(plan.variants)},
+                             "pruned": [p.to_json() for p in plan.pruned]}
+    print(f"nestvirt: {plan.name}: {len(plan.variants)} variant(s)"
+          + (f" x {repeat} attempts" if repeat > 1 else "")
+          + (f", {len(plan.pruned)} pruned" if plan.pruned else "")
+          + f"; {parallel} at once, host budget {budget.cpus} CPU(s)", file=sys.stderr)
+    host = facts.to_json()
+    records: dict[tuple[int, int], dict[str, Any]] = {}
+    t0 = time.monotonic()
+    stop: dict[str, Any] = {}
+
+    def save() -> list[ScenarioResult]:
+        ordered = [records[k] for k in sorted(records)]
+        results = [ScenarioResult.from_json(r["result"]) for r in ordered]
+        if repeat > 1:
+            extra["repeats"] = failure_rates(ordered)
+        if stop:
+            extra["until_fail"] = stop
+        run_info["seconds"] = round(time.monotonic() - t0, 2)
+        write_results(out, host, results, run_info, extra)
+        return results
+
+    def on_done(job: Job, record: dict[str, Any]) -> bool:
+        records[(job.index, job.attempt)] = record
+        print(progress_line(len(records), len(jobs), time.monotonic() - t0, record),
+              file=sys.stderr, flush=True)
+        save()
+        if args.until_fail and record["result"]["verdict"] in FAILURE_VERDICTS and not stop:
+            stop.update({"id": job.id.split("#")[0], "attempt": job.attempt, "of": repeat,
+                         "verdict": record["result"]["verdict"]})
+            return False
+        return True
+
+    try:
+        run_jobs(jobs, parallel=parallel, budget=budget, on_done=on_done)
+    finally:
+        # Reached on Ctrl-C too: what finished is kept, and every view is written from it.
+        results = save()
+        write_views(out / "results.json")
+        link_latest(out)
+    if args.json:
+        print((out / "results.json").read_text())
+    else:
+        print(console_summary(json.loads((out / "results.json").read_text()), results))
+        print(f"results: {out / 'results.json'}")
+    if vdoc is not None and vdoc.get("original") and results:
+        print(compare_failure(vdoc["original"], results[-1]))
+    return exit_status(results)
+
+
+def make_jobs(plan: Plan, repeat: int, out: Path, host: dict[str, Any], image: dict[str, Any],
+              signatures: Iterable[dict[str, Any]]) -> list[Job]:
+    """Attempt-major order (every variant once, then again), so --until-fail spreads its tries
+    across variants and a run cut short still covers each one."""
+    jobs = []
+    sigs = tuple(signatures)
+    for attempt in range(1, repeat + 1):
+        for pv in plan.variants:
+            jid = pv.id if repeat == 1 else f"{pv.id}#{attempt}"
+            jobs.append(Job(index=pv.index, attempt=attempt, id=jid,
+                            variant=pv.variant.to_json(),
+                            out=str(job_out(out, jid, pv.variant.id)), host=host, image=image,
+                            needs=pv.needs, signatures=sigs, of=repeat))
+    return jobs
+
+
+def progress_line(done: int, total: int, elapsed: float, record: Mapping[str, Any]) -> str:
+    """One line per finished variant: "[ 3/12  1:05] id VERDICT 18.2s reason"."""
+    r = record["result"]
+    m, s = divmod(int(elapsed), 60)
+    took = r.get("durations", {}).get("total")
+    took_s = f" {took:.1f}s" if isinstance(took, (int, float)) else ""
+    why = f"  {r['reason'][:90]}" if r.get("reason") else ""
+    width = len(str(total))
+    return f"[{done:>{width}}/{total} {m:d}:{s:02d}] {r['id']} {r['verdict'].upper()}{took_s}{why}"
+
+
+def failure_rates(records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant over its attempts: runs, fails (fail+error+known-issue), rate, first fail.
+
+    Skips are not runs (nothing was judged). ``rate`` is fails/runs, None without runs.
+    """
+    by: dict[int, dict[str, Any]] = {}
+    for rec in records:
+        r = rec["result"]
+        row = by.setdefault(rec["index"], {
+            "id": rec["id"].split("#")[0], "runs": 0, "fails": 0, "passes": 0, "skips": 0,
+            "known_issues": 0, "errors": 0, "first_fail_attempt": None, "verdicts": []})
+        v = r["verdict"]
+        row["verdicts"].append(v)
+        if v == "skip":
+            row["skips"] += 1
+            continue
+        row["runs"] += 1
+        if v == "pass":
+            row["passes"] += 1
+        if v in FAILURE_VERDICTS:
+            row["fails"] += 1
+            row["known_issues"] += v == "known-issue"
+            row["errors"] += v == "error"
+            if row["first_fail_attempt"] is None or rec["attempt"] < row["first_fail_attempt"]:
+                row["first_fail_attempt"] = rec["attempt"]
+    out = []
+    for _, row in sorted(by.items()):
+        row["rate"] = round(row["fails"] / row["runs"], 3) if row["runs"] else None
+        out.append(row)
+    return out
+
+
+def console_summary(doc: Mapping[str, Any], results: list[ScenarioResult]) -> str:
+    """The console table plus what a matrix run adds: pruned, failure rates, until-fail."""
+    from harness.results.views import console_table
+
+    lines = [console_table(results)]
+    pruned = doc.get("pruned") or []
+    if pruned:
+        lines.append(f"pruned (invalid combinations, not run): {len(pruned)}")
+        if len(pruned) <= PRUNED_LISTED:
+            lines += [f"  {p['id']}: {p['reason']}" for p in pruned]
+        else:
+            counts: dict[str, int] = {}
+            for p in pruned:
+                counts[p["reason"]] = counts.get(p["reason"], 0) + 1
+            lines += [f"  {n} x {why}" for why, n in sorted(counts.items(), key=lambda x: -x[1])]
+            lines.append("  (every one with its id in results.json \"pruned\")")
+    reps = doc.get("repeats") or []
+    if reps:
+        lines.append("failure rate per variant:")
+        w = max(len(r["id"]) for r in reps)
+        lines.append(f"  {'VARIANT'.ljust(w)}  RUNS  FAILS  RATE   FIRST-FAIL")
+        for r in reps:
+            rate = "-" if r["rate"] is None else f"{100 * r['rate']:.0f}%"
+            first = r["first_fail_attempt"] or "-"
+            lines.append(f"  {r['id'].ljust(w)}  {r['runs']:>4}  {r['fails']:>5}  {rate:>4}   "
+                         f"{first}")
+    stop = doc.get("until_fail")
+    if stop:
+        lines.append(f"until-fail: {stop['id']} was {stop['verdict']} on attempt {stop['attempt']} "
+                     f"(of at most {stop['of']}); stopped there")
+    elif doc.get("run", {}).get("until_fail"):
+        lines.append(f"until-fail: no failure in {doc['run'].get('repeat')} attempt(s) per variant")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# merging runner records (pytest workers, avocado tasks)
+
+
+def merge_records(records: list[Mapping[str, Any]], out: Path, run_info: dict[str, Any],
+                  extra: dict[str, Any] | None = None, name: str = "results.json") -> Path:
+    """Write one results.json from per-variant records, in input order."""
+    ordered = sorted(records, key=lambda r: (r.get("index", 0), r.get("attempt", 1)))
+    results = [ScenarioResult.from_json(r["result"]) for r in ordered]
+    host = ordered[0]["host"] if ordered else {}
+    if ordered and "image" not in run_info:
+        run_info = {**run_info, "image": ordered[0].get("image")}
+    extra = dict(extra or {})
+    if any(r.get("of", 1) > 1 for r in ordered):
+        extra.setdefault("repeats", failure_rates(list(ordered)))
+    # Written beside, then moved: an avocado job dir has a results.json of its own.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".merge-") as tmp:
+        return write_results(Path(tmp), host, results, run_info, extra).replace(out / name)
+
+
+# --------------------------------------------------------------------------------------------
+# matrix and report commands
+
+
+def add_commands(sub: Any) -> None:
+    """The `matrix` and `report` subcommands (sub: the parser's subparsers)."""
+    m = sub.add_parser("matrix", help="expand a matrix file: variants, pruned ones and why")
+    m.add_argument("file", type=Path, metavar="FILE")
+    m.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    m.add_argument("--json", action="store_true")
+    m.add_argument("--avocado-recipe", type=Path, metavar="OUT.json",
+                   help="write an avocado runnables recipe: `avocado run OUT.json`")
+    m.add_argument("--kernel", help="L1 kernel image for the recipe's runs")
+    m.add_argument("--modules", help="module tree for --kernel")
+    m.add_argument("--known-issues", type=Path, metavar="FILE")
+    m.add_argument("--no-known-issues", action="store_true")
+    rp = sub.add_parser("report", help="views of a results.json: console, --html, --tap, --junit")
+    rp.add_argument("results", type=Path, metavar="RESULTS",
+                    help="a results.json, or a directory of per-variant records to merge "
+                         "(a pytest --nestvirt-out dir, an avocado job dir)")
+    rp.add_argument("--html", type=Path, metavar="OUT.html")
+    rp.add_argument("--tap", nargs="?", const=Path(""), type=Path, metavar="OUT.tap",
+                    help="TAP 13 (default: results.tap beside RESULTS)")
+    rp.add_argument("--junit", nargs="?", const=Path(""), type=Path, metavar="OUT.xml",
+                    help="JUnit XML (default: junit.xml beside RESULTS)")
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from harness.host.probe import probe
+
+    spec = load_matrix(args.file)
+    facts = probe(args.accel)
+    plan = expand_matrix(spec, facts)
+    if args.avocado_recipe:
+        from harness.guest.image import build_l1, build_tools
+        from harness.guest.kernel import find_kernel
+        from harness.matrix.recipe import write_recipe
+
+        sigs = [] if args.no_known_issues else known.load(args.known_issues or known.DEFAULT_FILE)
+        image = build_l1(find_kernel(args.kernel, args.modules), build_tools())
+        write_recipe(args.avocado_recipe, plan, facts.to_json(), image.to_json(),
+                     signatures_json(sigs))
+        print(f"avocado recipe: {args.avocado_recipe} ({len(plan.variants)} tests); run it with "
+              f"`avocado run {args.avocado_recipe}`", file=sys.stderr)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+        return 0
+    print(f"{plan.name}: {len(plan.variants)} variant(s), {len(plan.pruned)} pruned")
+    for pv in plan.variants:
+        print(f"  {pv.id}  ({pv.needs.cpus} CPU, {pv.needs.mem_mib} MiB)")
+    for p in plan.pruned:
+        print(f"  PRUNED {p.id}: {p.reason}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    path: Path = args.results
+    if path.is_dir():
+        records = collect_records(path)
+        if records:
+            plan_file = next(iter(path.rglob("nestvirt-plan.json")), None)
+            extra = {}
+            if plan_file is not None:
+                extra = {k: v for k, v in json.loads(plan_file.read_text()).items()
+                         if k in ("pruned", "matrix")}
+            path = merge_records(records, path, {"merged_from": str(path)}, extra,
+                                 name="nestvirt-results.json")
+        elif (path / "results.json").is_file():
+            path = path / "results.json"
+        else:
+            raise UsageError(f"{path}: no results.json and no record.json under it")
+    try:
+        doc, results = load_results(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    outputs = []
+    if args.html or args.tap is not None or args.junit is not None:
+        from harness.results.html import render_html
+        from harness.results.views import junit_xml
+
+        if args.html:
+            args.html.write_text(render_html(doc, base_dir=args.html.parent))
+            outputs.append(args.html)
+        default_junit, default_tap, _ = view_paths(path)
+        if args.tap is not None:
+            t = args.tap if str(args.tap) not in ("", ".") else default_tap
+            t.write_text(tap(results, name=tap_name))
+            outputs.append(t)
+        if args.junit is not None:
+            j = args.junit if str(args.junit) not in ("", ".") else default_junit
+            j.write_text(junit_xml(results))
+            outputs.append(j)
+    print(console_summary(doc, results))
+    for o in outputs:
+        print(f"wrote {o}")
+    return 0

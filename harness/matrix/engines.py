@@ -1,0 +1,15 @@
+"""Which engine runs a variant: vmexit has its own, every other scenario the migration engine."""
+
+from __future__ import annotations
+
+from harness.scenario.engine import Runner, run_variant
+from harness.scenario.spec import Variant
+from harness.vmexit.plan import SCENARIO as VMEXIT
+from harness.vmexit.run import run_vmexit_variant
+
+
+def runner_for(variant: Variant) -> Runner:
+    """The engine that runs a variant: vmexit has its own, every other scenario run_variant."""
+    if variant.spec.name == VMEXIT:
+        return run_vmexit_variant
+    return run_variant

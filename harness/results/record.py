@@ -1,0 +1,80 @@
+"""results.json, the one schema of a run: write it atomically, read it back, exit status."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.core.errors import UsageError
+from harness.scenario.result import ScenarioResult
+
+SCHEMA_VERSION = 1
+
+
+def run_record(out: Path, **fields: Any) -> dict[str, Any]:
+    """results.json's "run" block as a run opens: how it was called, when, where, by whom."""
+    return {"argv": sys.argv, "started": time.strftime("%FT%T%z"), "out": str(out),
+            "pid": os.getpid(), **fields}
+
+
+def write_results(out: Path, host: dict, results: list[ScenarioResult],
+                  run_info: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write OUT/results.json atomically (a Ctrl-C mid-run still leaves the scenarios done).
+
+    ``extra`` adds top-level keys (matrix runs: "matrix", "pruned", "repeats").
+    """
+    doc = {"schema": SCHEMA_VERSION, "run": run_info, "host": host,
+           "scenarios": [r.to_json() for r in results], **(extra or {})}
+    path = out / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+def exit_status(results: list[ScenarioResult]) -> int:
+    """0 when nothing failed or errored (known issues are reported, not counted), else 1."""
+    return 1 if any(r.verdict in ("fail", "error") for r in results) else 0
+
+
+def load_results(path: Path) -> tuple[dict[str, Any], list[ScenarioResult]]:
+    """Read a results.json: the whole document and its scenarios as ScenarioResults.
+
+    Raises ValueError (with the path) when the file is not a results document.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+        if not isinstance(doc, dict) or not isinstance(doc.get("scenarios"), list):
+            raise ValueError("no 'scenarios' list")
+        return doc, [ScenarioResult.from_json(s) for s in doc["scenarios"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a nestvirt results.json ({e})") from e
+
+
+def prepare_out(out: Path | None) -> Path:
+    """The run's results directory (default results/<time>), created and proven writable."""
+    out = out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_file = out / ".writable"
+        probe_file.write_text("")
+        probe_file.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out}: not writable ({e.strerror})") from e
+    return out
+
+
+def link_latest(out: Path) -> None:
+    """Point OUT/../latest at this run (a convenience: failures to link are ignored)."""
+    latest = out.parent / "latest"
+    try:
+        if latest.is_symlink():
+            latest.unlink()
+        if not latest.exists():
+            latest.symlink_to(out.name)
+    except OSError:
+        pass

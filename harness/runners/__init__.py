@@ -1,0 +1,1 @@
+"""Thin adapters over the engines: the command line, the pytest plugin, avocado."""

@@ -1,0 +1,382 @@
+"""`nestvirt` command line: doctor, list, run, vmexit. A thin adapter over probe, guests and the engines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from harness.core import proc
+from harness.core.errors import SetupError, UsageError
+from harness.matrix.engines import runner_for
+from harness.results import known
+from harness.results.record import link_latest, prepare_out, run_record
+from harness.scenario.engine import RunContext
+from harness.scenario.faults import INJECTIONS
+from harness.scenario.result import ScenarioResult
+from harness.scenario.spec import Variant
+from harness.scenario.suite import SCENARIOS, SMOKE, apply_profile, expand
+from harness.vm.migration import COMPRESSION_MODES
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nestvirt", description="Nested virtualization migration test harness.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    d = sub.add_parser("doctor", help="probe this host and QEMU; print what runs here")
+    d.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    d.add_argument("--json", action="store_true")
+    ls = sub.add_parser("list", help="list scenarios and the smoke suite")
+    ls.add_argument("--json", action="store_true")
+    r = sub.add_parser("run", help="run scenarios (default: the smoke suite)")
+    r.add_argument("scenarios", nargs="*", metavar="SCENARIO")
+    r.add_argument("--compression", metavar="MODE",
+                   help=f"one of {', '.join(COMPRESSION_MODES)} (default: every mode)")
+    r.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    r.add_argument("--out", type=Path, help="results directory (default results/<time>)")
+    r.add_argument("--json", action="store_true", help="print results.json instead of a table")
+    r.add_argument("--kernel", help="L1 kernel image (default: NESTVIRT_KERNEL, host, Debian)")
+    r.add_argument("--modules", help="module tree for --kernel (lib/modules/RELEASE)")
+    r.add_argument("--channels", type=int, default=2, help="multifd channels")
+    r.add_argument("--threads", type=int, default=2, help="legacy compress threads")
+    r.add_argument("--decompress-threads", type=int, default=2)
+    r.add_argument("--level", type=int, help="compression level of the chosen mode")
+    r.add_argument("--wait-thread", choices=("on", "off"), default="on",
+                   help="legacy compress-wait-thread")
+    r.add_argument("--xbzrle-cache-mib", type=int, default=64)
+    r.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
+    r.add_argument("--max-bandwidth-mib", type=int, default=0, metavar="MIB",
+                   help="QEMU max-bandwidth in MiB/s (default 0: unthrottled); throttling forces "
+                        "more passes and dirty syncs")
+    r.add_argument("--downtime-limit-ms", type=int, metavar="MS",
+                   help="QEMU downtime-limit (default: QEMU's own, 300): larger converges in "
+                        "fewer dirty syncs")
+    r.add_argument("--profile", help="Hyper-V enlightenment profile for L1 (see templates/profiles.json)")
+    r.add_argument("--hv", metavar="hv-a,hv-b,...", help="hv-* flags (laid over --profile)")
+    r.add_argument("--known-issues", type=Path, metavar="FILE",
+                   help="signatures of known failures (default ci/known-issues.json)")
+    r.add_argument("--no-known-issues", action="store_true",
+                   help="report every failure as fail, known or not")
+    r.add_argument("--inject", choices=INJECTIONS,
+                   help="deliberately break the run to prove a check catches it")
+    _add_vmexit_parser(sub)
+    _add_selftest_parser(sub)
+    # Matrix runs, parallel/repeated runs, replays (run options) and the matrix/report commands.
+    from harness.matrix.batch import add_commands, add_run_options
+
+    add_run_options(r)
+    add_commands(sub)
+    return p
+
+
+def _add_vmexit_parser(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser("vmexit", help="measure nested vmexit cost per enlightenment profile")
+    v.add_argument("--profile", action="append", default=[], metavar="NAME",
+                   help="profile to compare (repeatable; 'none' is always measured as baseline)")
+    v.add_argument("--hv", action="append", default=[], metavar="hv-a,hv-b,...",
+                   help="an hv-* list measured as its own profile (repeatable)")
+    v.add_argument("--reports", type=int, help="reports per loop run, the first is warm-up "
+                   "(default 11 on KVM, 6 under TCG)")
+    v.add_argument("--iters", type=int, help="exits per report (default 20000 on KVM, 500 under TCG)")
+    v.add_argument("--repeat", type=int, help="repetitions per profile, interleaved (default 3)")
+    v.add_argument("--no-migrate", action="store_true",
+                   help="skip migrating the first profile's L1 and measuring again there")
+    v.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    v.add_argument("--kernel", help="L1 kernel image (default: NESTVIRT_KERNEL, host, Debian)")
+    v.add_argument("--modules", help="module tree for --kernel (lib/modules/RELEASE)")
+    v.add_argument("--out", type=Path, help="results directory (default results/<time>)")
+    v.add_argument("--json", action="store_true", help="print results.json instead of a table")
+
+
+def _add_selftest_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("selftest", help="run the kernel's KVM selftests in L1 (or on the host)",
+                       description="Build tools/testing/selftests/kvm statically (cached), run each "
+                       "selected test in L1 with its own deadline, report pass/fail/skip/timeout. "
+                       "Source: --selftests, else --kernel-tree, else Debian's linux-source "
+                       "matching the kernel.")
+    s.add_argument("--kernel", help="L1 kernel image (default: NESTVIRT_KERNEL, host, Debian)")
+    s.add_argument("--modules", help="module tree for --kernel (lib/modules/RELEASE)")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--kernel-tree", type=Path, metavar="DIR",
+                     help="kernel source tree to build tools/testing/selftests/kvm from")
+    src.add_argument("--selftests", type=Path, metavar="DIR",
+                     help="directory of already built (static) selftest binaries")
+    s.add_argument("--filter", action="append", default=[], metavar="NAMES|GLOBS",
+                   help="tests to run: names or globs, comma-separated, repeatable (default: all)")
+    s.add_argument("--timeout", type=float, metavar="S",
+                   help="deadline per test in seconds (default: the tree's kvm/settings, else 120)")
+    s.add_argument("--profile", help="Hyper-V enlightenment profile for L1's CPU")
+    s.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    s.add_argument("--on", choices=("l1", "host"), default="l1",
+                   help="l1: in the kernel under test, nested (default); host: on this host's "
+                   "kernel, each test a skip with the probe's reason where it has no usable KVM")
+    s.add_argument("--mem", type=int, default=2048, metavar="MIB",
+                   help="L1 memory (default 2048: the memory tests map 1 GiB and more)")
+    s.add_argument("--smp", type=int, default=1,
+                   help="L1 vCPUs (default 1; 2 lets the tests that need two CPUs run, but under "
+                   "TCG L1 then sometimes locks up and later tests time out)")
+    s.add_argument("--list", action="store_true", help="list the built tests and stop")
+    s.add_argument("--out", type=Path, help="results directory (default results/<time>)")
+    s.add_argument("--json", action="store_true", help="print results.json instead of a table")
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        args = build_parser().parse_args(argv)
+        return {"doctor": cmd_doctor, "list": cmd_list, "run": cmd_run,
+                "vmexit": cmd_vmexit, "selftest": cmd_selftest, "matrix": cmd_matrix,
+                "report": cmd_report}[args.cmd](args)
+    except (UsageError, SetupError) as e:
+        print(f"nestvirt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nestvirt: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        proc.reap_all()
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from harness.host.probe import probe, render_table
+
+    facts = probe(args.accel)
+    print(json.dumps(facts.to_json(), indent=2) if args.json else render_table(facts))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    smoke = [n for n, _ in SMOKE]
+    if args.json:
+        print(json.dumps({"scenarios": {n: s.description for n, s in SCENARIOS.items()},
+                          "smoke": smoke, "compression": list(COMPRESSION_MODES)}, indent=2))
+        return 0
+    width = max(map(len, SCENARIOS))
+    for name, spec in SCENARIOS.items():
+        mark = "*" if name in smoke else " "
+        print(f"{mark} {name.ljust(width)}  {spec.description}")
+    print(f"(* in the smoke suite) compression modes: {', '.join(COMPRESSION_MODES)}")
+    return 0
+
+
+
+
+def _close_run(out: Path, host: dict, results: list[ScenarioResult], run_info: dict,
+               t0: float) -> None:
+    from harness.results.record import write_results
+    from harness.results.views import junit_xml
+
+    run_info["seconds"] = round(time.monotonic() - t0, 2)
+    write_results(out, host, results, run_info)
+    (out / "junit.xml").write_text(junit_xml(results))
+    link_latest(out)
+
+
+def _report_run(as_json: bool, out: Path, results: list[ScenarioResult]) -> int:
+    from harness.results.record import exit_status
+    from harness.results.views import console_table
+
+    if as_json:
+        print((out / "results.json").read_text())
+    else:
+        print(console_table(results))
+        _print_figures(results)
+        print(f"results: {out / 'results.json'}")
+    return exit_status(results)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.guest.image import build_l1, build_tools
+    from harness.guest.kernel import find_kernel
+    from harness.host.enlightenments import resolve_profile
+    from harness.host.probe import probe, warn_if_emulated
+    from harness.matrix.batch import cmd_run_batch, mode_knobs, wants_batch
+    from harness.results.record import write_results
+
+    if wants_batch(args):
+        return cmd_run_batch(args)
+    knobs = mode_knobs(args)
+    # Everything the user typed is checked before anything starts.
+    variants = expand(args.scenarios, args.compression, knobs, inject=args.inject)
+    sigs = [] if args.no_known_issues else known.load(args.known_issues or known.DEFAULT_FILE)
+    kernel = find_kernel(args.kernel, args.modules)
+    out = prepare_out(args.out)
+    facts = probe(args.accel)
+    profile = resolve_profile(args.profile, args.hv, l1_nested=facts.l1_nested, vendor=facts.vendor)
+    variants = apply_profile(variants, profile, l1_nested=facts.l1_nested, vendor=facts.vendor)
+    warn_if_emulated(facts)
+    tools = build_tools()
+    image = build_l1(kernel, tools)
+    ctx = RunContext(host=facts, image=image, out=out)
+    run_info = run_record(out, image=image.to_json())
+    results: list[ScenarioResult] = []
+    t0 = time.monotonic()
+    try:
+        for i, v in enumerate(variants, 1):
+            if not args.json:
+                el = int(time.monotonic() - t0)
+                print(f"[{i}/{len(variants)} {el // 60}:{el % 60:02d}] {v.id} ...", file=sys.stderr,
+                      flush=True)
+            result = runner_for(v)(v, ctx)
+            known.classify([result], sigs, facts.accel, facts.qemu.version)
+            _write_repro(result, v, image.to_json(), facts.to_json())
+            results.append(result)
+            write_results(out, facts.to_json(), results, run_info)
+    finally:
+        # Reached on Ctrl-C too: what finished is kept.
+        _close_run(out, facts.to_json(), results, run_info, t0)
+    return _report_run(args.json, out, results)
+
+
+def _write_repro(result: ScenarioResult, variant: Variant, image: dict, host: dict) -> None:
+    """A failed variant leaves a repro bundle (variant.json, host.json, repro.sh) behind."""
+    from harness.results.repro import BUNDLE_VERDICTS, write_bundle
+
+    if result.verdict in BUNDLE_VERDICTS and result.artifacts.get("dir"):
+        write_bundle(result, variant.to_json(), image, host)
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from harness.matrix.batch import cmd_matrix as run_matrix_command
+
+    return run_matrix_command(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.matrix.batch import cmd_report as run_report_command
+
+    return run_report_command(args)
+
+
+def _print_figures(results: list[ScenarioResult]) -> None:
+    from harness.vmexit.plan import SCENARIO
+    from harness.vmexit.stats import figures_table
+
+    for r in results:
+        if r.scenario == SCENARIO and r.metrics.get("figures") is not None:
+            print(figures_table(r))
+
+
+def cmd_vmexit(args: argparse.Namespace) -> int:
+    from harness.guest.image import build_l1, build_tools
+    from harness.guest.kernel import find_kernel
+    from harness.host.enlightenments import dependency_problems, get_profile, parse_hv_list
+    from harness.host.probe import probe, warn_if_emulated
+    from harness.vmexit.plan import check_numbers, default_plan, plan_profiles
+    from harness.vmexit.run import run_vmexit
+
+    # Everything the user typed is checked before anything starts (the probe starts QEMU).
+    check_numbers(2 if args.reports is None else args.reports,
+                  1 if args.iters is None else args.iters, 1 if args.repeat is None else args.repeat)
+    for name in args.profile:
+        get_profile(name)
+    for hv in args.hv:
+        problems = dependency_problems(parse_hv_list(hv))
+        if problems:
+            raise UsageError(f"enlightenments {hv}: " + "; ".join(problems))
+    kernel = find_kernel(args.kernel, args.modules)
+    out = prepare_out(args.out)
+    facts = probe(args.accel)
+    profiles = plan_profiles(args.profile, args.hv, l1_nested=facts.l1_nested, vendor=facts.vendor)
+    plan = default_plan(profiles, facts.accel, reports=args.reports, iters=args.iters,
+                        repeat=args.repeat, migrate=not args.no_migrate)
+    warn_if_emulated(facts)
+    image = build_l1(kernel, build_tools())
+    ctx = RunContext(host=facts, image=image, out=out)
+    run_info = run_record(out, image=image.to_json())
+    results: list[ScenarioResult] = []
+    t0 = time.monotonic()
+    try:
+        results.append(run_vmexit(ctx, plan))
+    finally:
+        # Reached on Ctrl-C too: what finished is kept.
+        _close_run(out, facts.to_json(), results, run_info, t0)
+    return _report_run(args.json, out, results)
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from harness.guest.image import build_l1, build_tools
+    from harness.guest.kernel import find_kernel
+    from harness.host.enlightenments import resolve_profile
+    from harness.host.probe import probe, warn_if_emulated
+    from harness.results.record import exit_status, write_results
+    from harness.results.views import junit_xml, tap
+    from harness.selftests import run as st
+    from harness.selftests.kselftest import select
+
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout:g}: must be more than 0")
+    if args.mem < 256 or args.smp < 1:
+        raise UsageError("--mem must be at least 256 (MiB) and --smp at least 1")
+    kernel = find_kernel(args.kernel, args.modules)
+    t0 = time.monotonic()
+    build = st.resolve_build(kernel, args.kernel_tree, args.selftests,
+                             lambda line: print(f"nestvirt: {line}", file=sys.stderr))
+    setup_s = round(time.monotonic() - t0, 2)
+    names, unmatched = select(build.names(), args.filter)
+    if unmatched:
+        raise UsageError(f"--filter {', '.join(unmatched)}: no such selftest in {build.source} "
+                         "(see --list)")
+    if args.list:
+        for t in map(build.get, names):
+            print(f"{t.name:36} {'built' if t.ok else 'BUILD FAILED: ' + t.error}")
+        return 0
+    out = prepare_out(args.out)
+    facts = probe(args.accel)
+    profile = resolve_profile(args.profile, None, l1_nested=facts.l1_nested, vendor=facts.vendor)
+    timeout = args.timeout or build.timeout_s or st.DEFAULT_TIMEOUT_S
+    plan = st.SelftestPlan(build, tuple(names), timeout, args.on, profile, args.mem, args.smp)
+    warn_if_emulated(facts)
+    run_info = run_record(out, selftests=build.to_json(), on=args.on, timeout_s=timeout,
+                          setup_seconds=setup_s, kernel=kernel.to_json())
+
+    def progress(i: int, n: int, name: str) -> None:
+        if not args.json:
+            print(f"[{i}/{n}] {name} ...", file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    results: list[ScenarioResult] = []
+
+    def done(r: ScenarioResult) -> None:  # results.json grows as tests finish (Ctrl-C keeps them)
+        results.append(r)
+        write_results(out, facts.to_json(), results, run_info)
+
+    try:
+        if args.on == "host":
+            if st.host_unsupported(facts):
+                print(f"nestvirt: {st.host_unsupported(facts)}", file=sys.stderr)
+            results = st.run_on_host(plan, facts, out, progress, done)
+        else:
+            image = build_l1(kernel, build_tools())
+            run_info["image"] = image.to_json()
+            results = st.run_in_l1(plan, RunContext(host=facts, image=image, out=out), progress, done)
+    finally:
+        run_info["seconds"] = round(time.monotonic() - t0, 2)
+        write_results(out, facts.to_json(), results, run_info)
+        (out / "junit.xml").write_text(junit_xml(results, suite="kselftest-kvm"))
+        (out / "results.tap").write_text(tap(results, st.tap_name))
+        link_latest(out)
+    if args.json:
+        print((out / "results.json").read_text())
+    else:
+        print(st.summary_table(results))
+        print(f"results: {out / 'results.json'} (TAP: results.tap, JUnit: junit.xml)")
+    return exit_status(results)
+
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Scenarios as data, the engine that runs one, the integrity checks, the fault table, the catalogue."""

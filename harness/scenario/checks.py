@@ -1,0 +1,159 @@
+"""Integrity oracles: pure functions from observations to Check(name, ok, detail).
+
+Each one can fail, and tests/ holds a case where it does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.guest.kernlog import bad_lines, qemu_exit_story
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def migration_completed(status: str, error: str | None, state: str) -> Check:
+    """The source says completed. Necessary, never sufficient: the rest judge the destination."""
+    ok = status == "completed"
+    detail = f"source status {status}" + (f": {error}" if error else "") + f" (nested state: {state})"
+    return Check("migration-completed", ok, detail)
+
+
+def dst_qemu_alive(alive: bool, run_state: str | None, expected: str, error_lines: list[str],
+                   returncode: int | None = None, console_lines: list[str] | None = None) -> Check:
+    """Destination QEMU still runs and is in the expected run state; else say how it ended.
+
+    QEMU's own stderr names a refused state. Without stderr, the exit status and L1's console
+    tell the rest: L1 boots with panic=-1 under -no-reboot, so a guest panic ends QEMU with 0.
+    """
+    if not alive:
+        return Check("dst-qemu-alive", False, "destination QEMU exited: "
+                     + qemu_exit_story(error_lines, returncode, console_lines or []))
+    if run_state != expected:
+        return Check("dst-qemu-alive", False, f"destination run state {run_state}, expected {expected}")
+    return Check("dst-qemu-alive", True, f"alive, {run_state}")
+
+
+def l1_ssh_on_dst(ok: bool, detail: str) -> Check:
+    return Check("l1-ssh-on-dst", ok, detail)
+
+
+def pattern_verified(name: str, report: dict[str, Any] | None, what: str) -> Check:
+    """A guest program's own verification report (l1work / nvmm JSON) must say ok with pages>0."""
+    if report is None:
+        return Check(name, False, f"no verification report from {what}")
+    pages = report.get("pages", 0)
+    if not report.get("ok") or not pages:
+        bad = report.get("bad_pages", report.get("bad", "?"))
+        first = report.get("first_bad", [])[:4]
+        return Check(name, False, f"{what}: {bad} bad of {pages} pages; first: {first}")
+    extra = f", pass {report['pass']}" if "pass" in report else ""
+    return Check(name, True, f"{what}: {pages} pages verify{extra}")
+
+
+def l2_progress(before: int | None, after: list[int]) -> Check:
+    """L2 continued: first dst sample >= last src sample, and dst samples increase."""
+    if before is None or len(after) < 2:
+        return Check("l2-progress", False, f"not enough samples (src {before}, dst {after})")
+    if after[0] < before:
+        return Check("l2-progress", False, f"L2 went back: pass {before} on src, {after[0]} on dst")
+    if after[-1] <= after[0]:
+        return Check("l2-progress", False, f"L2 stalled on dst at pass {after[0]}")
+    return Check("l2-progress", True, f"pass {before} on src -> {after[0]}..{after[-1]} on dst")
+
+
+def kernel_log_clean(new_lines: list[str]) -> Check:
+    """No new warning, oops or KVM complaint in L1's kernel log since migration started."""
+    bad = bad_lines(new_lines)
+    if bad:
+        return Check("kernel-log-clean", False, f"{len(bad)} bad line(s), first: {bad[0][:200]}")
+    return Check("kernel-log-clean", True, f"{len(new_lines)} new line(s), none bad")
+
+
+def new_log_lines(before: str, after: str) -> list[str]:
+    """Lines of `after` past the last line of `before` (dmesg is append-only while L1 lives)."""
+    b = [x for x in before.splitlines() if x.strip()]
+    a = [x for x in after.splitlines() if x.strip()]
+    if b and a[: len(b)] == b:
+        return a[len(b):]
+    last = b[-1] if b else None
+    if last in a:
+        return a[a.index(last) + 1:]
+    return a
+
+
+@dataclass(frozen=True)
+class RamComparison:
+    src_sha256: str
+    dst_sha256: str
+    pages: int
+    differing_pages: int
+    first_differing: list[str]
+
+
+def compare_ram_dumps(src: Path, dst: Path, page: int = 4096, show: int = 8) -> RamComparison:
+    """Compare two guest RAM dumps page by page (streamed); hash each whole dump too."""
+    hs, hd = hashlib.sha256(), hashlib.sha256()
+    diff, first, n = 0, [], 0
+    with open(src, "rb") as fs, open(dst, "rb") as fd:
+        while True:
+            a, b = fs.read(page * 256), fd.read(page * 256)
+            if not a and not b:
+                break
+            hs.update(a)
+            hd.update(b)
+            if a != b:
+                for off in range(0, max(len(a), len(b)), page):
+                    if a[off:off + page] != b[off:off + page]:
+                        diff += 1
+                        if len(first) < show:
+                            first.append(hex((n + off // page) * page))
+            n += max(len(a), len(b)) // page
+    return RamComparison(hs.hexdigest(), hd.hexdigest(), n, diff, first)
+
+
+def ram_identical(cmp: RamComparison) -> Check:
+    if cmp.differing_pages or cmp.src_sha256 != cmp.dst_sha256:
+        return Check("ram-identical", False,
+                     f"{cmp.differing_pages} of {cmp.pages} pages differ; first at "
+                     f"{', '.join(cmp.first_differing)}")
+    return Check("ram-identical", True, f"{cmp.pages} pages identical, sha256 {cmp.src_sha256[:16]}")
+
+
+def vcpu_identical(src_regs: str, dst_regs: str) -> Check:
+    """'info registers' of the paused source and destination must match line for line."""
+    a, b = src_regs.strip().splitlines(), dst_regs.strip().splitlines()
+    if not a:
+        return Check("vcpu-registers-identical", False, "no register dump from source")
+    diffs = [(x, y) for x, y in zip(a, b, strict=False) if x != y]
+    if len(a) != len(b):
+        diffs.append((f"{len(a)} lines", f"{len(b)} lines"))
+    if diffs:
+        x, y = diffs[0]
+        return Check("vcpu-registers-identical", False,
+                     f"{len(diffs)} line(s) differ; first: src '{x.strip()[:90]}' "
+                     f"dst '{y.strip()[:90]}'")
+    return Check("vcpu-registers-identical", True, f"{len(a)} register lines identical")
+
+
+def l2_starts_on_dst(rc: int | None, detail: str) -> Check:
+    """After migrating a VM-holding L1, a fresh L2 must still run there."""
+    return Check("l2-starts-on-dst", rc == 0, detail)
+
+
+def l1_responsive_on_dst(error: str | None) -> Check:
+    """Every guest-side step on the destination answered in time (a crashed L1 stops answering)."""
+    if error:
+        return Check("l1-responsive-on-dst", False, error)
+    return Check("l1-responsive-on-dst", True, "every guest step answered")

@@ -1,0 +1,312 @@
+"""One L0 QEMU process: launch from a template, QMP through qemu.qmp, logs, shutdown and reap.
+
+Knows nothing about nesting or migration; callers drive it through qmp() and the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from harness.core import proc
+from harness.core.errors import NestvirtError, StepTimeout
+from harness.core.paths import TEMPLATES
+from harness.guest.kernlog import qemu_exit_story
+
+# qemu.qmp logs every negotiation failure while we poll for the socket; our transcript is enough.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+EVENT_RE = re.compile(r"^NESTVIRT-EVENT (\S+)(.*)$")
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """What one L1 machine is: the template's inputs, nothing else."""
+
+    name: str  # "src" or "dst"
+    qemu: str
+    accel: str
+    cpu: str
+    kernel: Path
+    initrd: Path
+    append: str
+    mem_mib: int = 512
+    smp: int = 1
+    incoming: bool = False
+    extra_args: tuple[str, ...] = ()
+
+
+class QmpCommandError(NestvirtError):
+    """QEMU answered a command with an error; carries QEMU's own description."""
+
+    def __init__(self, command: str, desc: str) -> None:
+        super().__init__(f"{command}: {desc}")
+        self.command = command
+        self.desc = desc
+
+
+@dataclass
+class Machine:
+    """A running (or finished) QEMU; create with launch(), always end with shutdown()."""
+
+    config: MachineConfig
+    workdir: Path
+    ssh_port: int
+    argv: list[str] = field(default_factory=list)
+    _proc: Any = None
+    _qmp: QEMUMonitorProtocol | None = None
+    _transcript: Any = None
+    _t0: float = 0.0
+    events_seen: list[dict] = field(default_factory=list)
+    _sockdir: Path | None = None
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / f"{self.config.name}-console.log"
+
+    @property
+    def events_log(self) -> Path:
+        return self.workdir / f"{self.config.name}-events.log"
+
+    @property
+    def stderr_log(self) -> Path:
+        return self.workdir / f"{self.config.name}-qemu.stderr"
+
+    @property
+    def qmp_socket(self) -> Path:
+        # AF_UNIX paths stop at 108 bytes; result dirs are deeper than that, so sockets
+        # live in a short private directory that shutdown() removes.
+        if self._sockdir is None:
+            self._sockdir = Path(tempfile.mkdtemp(prefix="nestvirt-"))
+        return self._sockdir / f"{self.config.name}.qmp"
+
+    @property
+    def transcript_path(self) -> Path:
+        return self.workdir / f"{self.config.name}-qmp.jsonl"
+
+    def render_argv(self) -> list[str]:
+        env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
+                                 undefined=jinja2.StrictUndefined)
+        c = self.config
+        text = env.get_template("qemu-l1.j2").render(
+            qemu=c.qemu, name=f"nestvirt-{c.name}", accel=c.accel, cpu=c.cpu, mem_mib=c.mem_mib,
+            smp=c.smp, kernel=c.kernel, initrd=c.initrd, append=c.append,
+            console_log=self.console_log, events_log=self.events_log, ssh_port=self.ssh_port,
+            qmp_socket=self.qmp_socket, incoming=c.incoming, extra_args=c.extra_args)
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    def launch(self, timeout: float = 20.0) -> None:
+        """Start QEMU and connect QMP; raise StepTimeout with QEMU's own error if it dies."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.argv = self.render_argv()
+        (self.workdir / f"{self.config.name}-cmdline.txt").write_text(
+            " ".join(_shell_quote(a) for a in self.argv) + "\n")
+        self._transcript = open(self.transcript_path, "a")
+        self._t0 = time.monotonic()
+        stderr = open(self.stderr_log, "wb")
+        try:
+            self._proc = proc.spawn(self.argv, stdout=stderr, stderr=stderr)
+        finally:
+            stderr.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise StepTimeout(f"{self.config.name} QEMU exited at start: {self.error_line()}")
+            if self.qmp_socket.exists():
+                qmp = QEMUMonitorProtocol(str(self.qmp_socket))
+                try:
+                    qmp.connect(negotiate=True)
+                    self._qmp = qmp
+                    break
+                except (QMPError, OSError):
+                    qmp.close()
+            if time.monotonic() > deadline:
+                raise StepTimeout(f"{self.config.name} QMP did not answer in {timeout:g}s")
+            time.sleep(0.02)
+        self._log("connected", {"argv": self.argv})
+
+    def qmp(self, command: str, timeout: float = 30.0, **args: Any) -> Any:
+        """Execute one QMP command; return its result or raise QmpCommandError."""
+        if self._qmp is None:
+            raise QmpCommandError(command, "no QMP connection")
+        self._log("->", {"execute": command, "arguments": args})
+        self._qmp.settimeout(timeout)
+        try:
+            resp = self._qmp.cmd_raw(command, args or None)
+        except (QMPError, OSError, TimeoutError) as e:
+            self._log("!!", {"error": repr(e)})
+            raise QmpCommandError(command, f"connection failed: {e!r}") from e
+        finally:
+            self._qmp.settimeout(None)
+        self._log("<-", resp)
+        self._drain_events()
+        if "error" in resp:
+            raise QmpCommandError(command, resp["error"].get("desc", str(resp["error"])))
+        return resp.get("return")
+
+    def hmp(self, command: str, timeout: float = 30.0) -> str:
+        return self.qmp("human-monitor-command", timeout=timeout, **{"command-line": command})
+
+    def wait_qmp_event(self, names: set[str], timeout: float,
+                       match: Any = None) -> dict:
+        """Wait for a QMP event among names (and match(event) if given), bounded by timeout."""
+        deadline = time.monotonic() + timeout
+        for ev in self.events_seen:
+            if ev.get("event") in names and not ev.get("_consumed") and (not match or match(ev)):
+                ev["_consumed"] = True
+                return ev
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StepTimeout(f"{self.config.name}: no {sorted(names)} event in {timeout:g}s")
+            if self._qmp is None:
+                raise StepTimeout(f"{self.config.name}: QMP closed")
+            try:
+                ev = self._qmp.pull_event(wait=min(left, 0.5))
+            except (QMPError, OSError, TimeoutError, EOFError):
+                ev = None
+                if not self.alive():
+                    raise StepTimeout(f"{self.config.name} QEMU exited: {self.error_line()}") from None
+            if ev is None:
+                continue
+            self._log("event", ev)
+            self.events_seen.append(ev)
+            if ev.get("event") in names and (not match or match(ev)):
+                ev["_consumed"] = True
+                return ev
+
+    def _drain_events(self) -> None:
+        if self._qmp is None:
+            return
+        for ev in self._qmp.get_events(wait=False):
+            self._log("event", ev)
+            self.events_seen.append(ev)
+        self._qmp.clear_events()
+
+    def guest_events(self) -> list[tuple[str, dict[str, str]]]:
+        """Events L1 printed on its event serial port so far, in order."""
+        if not self.events_log.exists():
+            return []
+        out = []
+        for line in self.events_log.read_text(errors="replace").splitlines():
+            m = EVENT_RE.match(line.strip())
+            if m:
+                kv = dict(p.split("=", 1) for p in m.group(2).split() if "=" in p)
+                out.append((m.group(1), kv))
+        return out
+
+    def wait_guest_event(self, name: str, timeout: float) -> dict[str, str]:
+        """Wait until L1 prints event `name` on its event port; fail fast if QEMU dies."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for ev, kv in self.guest_events():
+                if ev == name:
+                    return kv
+            if not self.alive():
+                raise StepTimeout(f"{self.config.name} QEMU exited: {self.error_line()}")
+            if time.monotonic() > deadline:
+                raise StepTimeout(f"{self.config.name}: L1 did not report '{name}' in "
+                                  f"{timeout:g}s (console: {self.console_tail(1)})")
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc is not None else None
+
+    def error_lines(self) -> list[str]:
+        """QEMU's own stderr lines (the destination's rejection reason lives here)."""
+        if not self.stderr_log.exists():
+            return []
+        return [x for x in self.stderr_log.read_text(errors="replace").splitlines() if x.strip()]
+
+    def error_summary(self, n: int = 3) -> str:
+        """QEMU's last few stderr lines joined: the first often names the cause, the last the step."""
+        lines = self.error_lines()
+        return " | ".join(lines[-n:]) if lines else self.exit_story()
+
+    def exit_story(self) -> str:
+        """How this QEMU ended: its stderr, else its status and the guest's last console words
+        (L1 runs with panic=-1 under -no-reboot: a panic exits QEMU with 0 and no stderr)."""
+        return qemu_exit_story(self.error_lines(), self.returncode, self.console_lines())
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait (bounded) for QEMU to exit on its own; returns its status or None if still alive."""
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.returncode
+
+    def error_line(self) -> str:
+        lines = self.error_lines()
+        errs = [x for x in lines if "error" in x.lower() or "fail" in x.lower()]
+        return errs[-1] if errs else lines[-1] if lines else self.exit_story()
+
+    def console_lines(self) -> list[str]:
+        """Everything L1 printed on this QEMU's serial console so far."""
+        if not self.console_log.exists():
+            return []
+        return self.console_log.read_text(errors="replace").splitlines()
+
+    def console_tail(self, n: int = 20) -> str:
+        if not self.console_log.exists():
+            return ""
+        return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-n:])
+
+    def kill(self) -> None:
+        """Kill QEMU abruptly (tests of the liveness check use this)."""
+        if self._proc is not None:
+            proc.reap(self._proc, grace=0.5)
+
+    def shutdown(self, timeout: float = 5.0) -> int | None:
+        """Quit through QMP if possible, then reap; safe to call twice and on a dead QEMU."""
+        if self._qmp is not None:
+            if self.alive():
+                try:
+                    self._log("->", {"execute": "quit"})
+                    self._qmp.settimeout(timeout)
+                    self._qmp.cmd_raw("quit")
+                except (QMPError, OSError, TimeoutError, EOFError):
+                    pass
+            try:
+                self._qmp.close()
+            except Exception:  # noqa: BLE001 - EOF from a QEMU that already quit is expected
+                pass
+            self._qmp = None
+        rc = proc.reap(self._proc, grace=timeout) if self._proc is not None else None
+        if self._sockdir is not None:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
+        if self._transcript is not None:
+            self._log("exit", {"returncode": rc})
+            self._transcript.close()
+            self._transcript = None
+        return rc
+
+    def _log(self, direction: str, msg: Any) -> None:
+        if self._transcript is not None:
+            rec = {"t": round(time.monotonic() - self._t0, 4), "dir": direction, "msg": msg}
+            self._transcript.write(json.dumps(rec, default=str) + "\n")
+            self._transcript.flush()
+
+
+def _shell_quote(arg: str) -> str:
+    if re.fullmatch(r"[\w@%+=:,./-]+", arg):
+        return arg
+    return "'" + arg.replace("'", "'\"'\"'") + "'"

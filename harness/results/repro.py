@@ -21,8 +21,6 @@ import jinja2
 
 from harness.core.errors import UsageError
 from harness.core.paths import REPO, TEMPLATES
-from harness.guest.image import GuestTools, L1Image
-from harness.guest.kernel import Kernel
 from harness.scenario.result import ScenarioResult
 
 VARIANT_FORMAT = "nestvirt-variant/1"

@@ -1,0 +1,1 @@
+"""The run record (results.json) and its views: console, JUnit, TAP, HTML; known issues; repro bundles."""

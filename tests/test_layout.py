@@ -18,6 +18,7 @@ HARNESS = Path(__file__).resolve().parent.parent / "harness"
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("core",),
     ("host",),
+    ("qemu",),
     ("guest",),
     ("vm",),
     ("scenario",),

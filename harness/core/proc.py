@@ -48,12 +48,15 @@ def run(
     return cp
 
 
-def spawn(argv: Sequence[str], *, stdout=None, stderr=None, cwd: str | Path | None = None) -> subprocess.Popen:
-    """Start a long-running process in its own process group; reap() or reap_all() ends it."""
+def spawn(argv: Sequence[str], *, stdout=None, stderr=None, cwd: str | Path | None = None,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a long-running process in its own process group; reap() or reap_all() ends it.
+
+    ``env`` replaces the environment (None: inherit ours)."""
     try:
         p = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=cwd,
-            start_new_session=True,
+            start_new_session=True, env=env,
         )
     except FileNotFoundError as e:
         raise SetupError(f"program not found: {argv[0]}") from e

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,6 +88,54 @@ class QemuFacts:
     accel_kvm_tried: bool
     accel_kvm_ok: bool
     accel_kvm_error: str
+    # How this binary is started and named (harness/qemu/inventory.py fills these in), and the
+    # machine types it offers: versioned q35 types oldest first, and what plain "q35" means.
+    name: str = ""
+    origin: str = ""
+    module_dir: str = ""  # QEMU_MODULE_DIR for this binary's processes only ("": none)
+    firmware_dirs: tuple[str, ...] = ()  # -L dirs, searched before the compiled-in ones
+    machine_types: tuple[str, ...] = ()
+    default_machine: str = ""
+    verified: str = ""  # "ok", or the verification's first problem ("": not verified)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """How a person names this binary in one word: its inventory name, else its version."""
+        return self.name or self.version
+
+    def to_json(self) -> dict[str, Any]:
+        return _encode_fields(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> QemuFacts:
+        """Inverse of to_json; ValueError on unknown or missing keys (fields added later, with
+        defaults, may be absent: records written before them still read)."""
+        q = _checked(cls, d)
+        major, minor, micro = q["version_tuple"]
+        return cls(
+            binary=str(q["binary"]),
+            version=str(q["version"]),
+            version_tuple=(int(major), int(minor), int(micro)),
+            package=str(q["package"]),
+            migration_capabilities=frozenset(q["migration_capabilities"]),
+            migration_parameters=frozenset(q["migration_parameters"]),
+            multifd_compression=frozenset(q["multifd_compression"]),
+            legacy_compress=bool(q["legacy_compress"]),
+            commands=frozenset(q["commands"]),
+            hv_props=frozenset(q["hv_props"]),
+            accel_kvm_tried=bool(q["accel_kvm_tried"]),
+            accel_kvm_ok=bool(q["accel_kvm_ok"]),
+            accel_kvm_error=str(q["accel_kvm_error"]),
+            name=str(q.get("name", "")),
+            origin=str(q.get("origin", "")),
+            module_dir=str(q.get("module_dir", "")),
+            firmware_dirs=tuple(str(x) for x in q.get("firmware_dirs", ())),
+            machine_types=tuple(str(x) for x in q.get("machine_types", ())),
+            default_machine=str(q.get("default_machine", "")),
+            verified=str(q.get("verified", "")),
+            warnings=tuple(str(x) for x in q.get("warnings", ())),
+        )
 
 
 @dataclass(frozen=True)
@@ -109,13 +158,25 @@ class HostFacts:
     host_kernel: str
     kvm: KvmFacts
     qemu: QemuFacts
+    # Every QEMU binary of the inventory (qemu included), and the selector that pinned qemu as
+    # the run's binary ("--qemu 7.2", "NESTVIRT_QEMU=/path"; "" when qemu is just the newest).
+    qemus: tuple[QemuFacts, ...] = ()
+    qemu_pin: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types only: sets become sorted lists, tuples become lists."""
-        out = _encode_fields(self, skip=("kvm", "qemu"))
+        out = _encode_fields(self, skip=("kvm", "qemu", "qemus"))
         out["kvm"] = _encode_fields(self.kvm)
         out["qemu"] = _encode_fields(self.qemu)
+        out["qemus"] = [_encode_fields(q) for q in self.qemus]
         return out
+
+    def binary(self, path: str) -> QemuFacts | None:
+        """The facts of the inventory's binary at ``path`` (the run's own qemu included)."""
+        for q in (self.qemu, *self.qemus):
+            if q.binary == path:
+                return q
+        return None
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> HostFacts:
@@ -125,7 +186,6 @@ class HostFacts:
         """
         top = _checked(cls, d)
         k = _checked(KvmFacts, top["kvm"])
-        q = _checked(QemuFacts, top["qemu"])
         kvm = KvmFacts(
             device_ok=bool(k["device_ok"]),
             reason=str(k["reason"]),
@@ -137,24 +197,11 @@ class HostFacts:
             module=k["module"],
             nested_param=k["nested_param"],
         )
-        major, minor, micro = q["version_tuple"]
-        qemu = QemuFacts(
-            binary=str(q["binary"]),
-            version=str(q["version"]),
-            version_tuple=(int(major), int(minor), int(micro)),
-            package=str(q["package"]),
-            migration_capabilities=frozenset(q["migration_capabilities"]),
-            migration_parameters=frozenset(q["migration_parameters"]),
-            multifd_compression=frozenset(q["multifd_compression"]),
-            legacy_compress=bool(q["legacy_compress"]),
-            commands=frozenset(q["commands"]),
-            hv_props=frozenset(q["hv_props"]),
-            accel_kvm_tried=bool(q["accel_kvm_tried"]),
-            accel_kvm_ok=bool(q["accel_kvm_ok"]),
-            accel_kvm_error=str(q["accel_kvm_error"]),
-        )
-        scalars = {f.name: top[f.name] for f in fields(cls) if f.name not in ("kvm", "qemu")}
-        return cls(**scalars, kvm=kvm, qemu=qemu)
+        qemu = QemuFacts.from_json(top["qemu"])
+        qemus = tuple(QemuFacts.from_json(x) for x in top.get("qemus") or ())
+        scalars = {f.name: top[f.name] for f in fields(cls)
+                   if f.name not in ("kvm", "qemu", "qemus") and f.name in top}
+        return cls(**scalars, kvm=kvm, qemu=qemu, qemus=qemus)
 
 
 def _hv_entry(e: Iterable[int]) -> HvCpuidEntry:
@@ -181,7 +228,9 @@ def _checked(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{cls.__name__}: expected an object, got {type(d).__name__}")
     data = {k: v for k, v in d.items() if not k.startswith("_")}
     want = {f.name for f in fields(cls)}
-    missing, extra = want - data.keys(), data.keys() - want
+    # A field with a default was added later: a record from before it still reads.
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing, extra = required - data.keys(), data.keys() - want
     if missing or extra:
         raise ValueError(
             f"{cls.__name__}: missing keys {sorted(missing)}, unknown keys {sorted(extra)}"
@@ -193,21 +242,25 @@ def _checked(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
 # probe()
 
 
-def probe(accel: str = "auto", qemu_binary: str | None = None) -> HostFacts:
+def probe(accel: str = "auto", qemu_binary: str | None = None, *,
+          qemu: QemuFacts | None = None, qemus: tuple[QemuFacts, ...] = (),
+          qemu_pin: str = "") -> HostFacts:
     """Probe this host and QEMU binary once.
 
     ``accel``: "auto" picks kvm only if /dev/kvm opens, KVM_CREATE_VM works, QEMU really
     starts with ``-accel kvm`` and the host CPU shows vmx or svm (else L1 could not nest);
     otherwise tcg, with the reason in ``accel_reason``. "kvm" raises UsageError when any
     of that fails (never a silent fallback). "tcg" forces TCG.
-    QEMU binary: ``qemu_binary`` > $NESTVIRT_QEMU > qemu-system-x86_64 on PATH;
-    SetupError when none is found or it cannot report its schema; StepTimeout if it
-    never answers QMP. Synchronous (runs its own event loop): do not call it from a
-    coroutine.
+    QEMU binary: ``qemu`` (facts already read by the inventory: only the KVM start is tried
+    with it) > ``qemu_binary`` > $NESTVIRT_QEMU > qemu-system-x86_64 on PATH; SetupError when
+    none is found or it cannot report its schema; StepTimeout if it never answers QMP.
+    ``qemus`` and ``qemu_pin`` are recorded as given (the inventory, see HostFacts).
+    Synchronous (runs its own event loop): do not call it from a coroutine.
     """
     if accel not in ACCELS:
         raise UsageError(f"--accel {accel}: expected one of {', '.join(ACCELS)}")
-    binary = resolve_qemu(qemu_binary)
+    binary = qemu.binary if qemu is not None else resolve_qemu(qemu_binary)
+    env, fw = (launch_env(qemu.module_dir), qemu.firmware_dirs) if qemu else (None, ())
     cpu = _read_cpuinfo()
     kvm = _kvm_facts()
 
@@ -216,10 +269,16 @@ def probe(accel: str = "auto", qemu_binary: str | None = None) -> HostFacts:
         skip_why = "not tried: tcg requested"
     elif not kvm.device_ok or not kvm.create_vm_ok:
         skip_why = f"not tried: /dev/kvm {kvm.reason}"
-    schema, kvm_start = asyncio.run(_qemu_sessions(binary, try_kvm=skip_why is None))
+    schema, kvm_start = asyncio.run(_qemu_sessions(binary, try_kvm=skip_why is None,
+                                                   schema=qemu is None, env=env, firmware=fw))
 
     kvm_ok, kvm_error = (False, skip_why) if kvm_start is None else kvm_start
-    qemu = _qemu_facts(binary, schema, tried=kvm_start is not None, ok=kvm_ok, error=kvm_error)
+    if qemu is None:
+        qemu = _qemu_facts(binary, schema, tried=kvm_start is not None, ok=kvm_ok, error=kvm_error)
+    else:
+        qemu = replace(qemu, accel_kvm_tried=kvm_start is not None, accel_kvm_ok=kvm_ok,
+                       accel_kvm_error=kvm_error)
+    qemus = tuple(qemu if q.binary == qemu.binary else q for q in qemus)
 
     has_vmx, has_svm = "vmx" in cpu.flags, "svm" in cpu.flags
     chosen, reason = decide_accel(accel, kvm, qemu, has_vmx=has_vmx, has_svm=has_svm)
@@ -233,8 +292,37 @@ def probe(accel: str = "auto", qemu_binary: str | None = None) -> HostFacts:
         accel=chosen, accel_reason=reason, vendor=cpu.vendor, cpu_model=cpu.model,
         cpu_flags_host_has_vmx=has_vmx, cpu_flags_host_has_svm=has_svm,
         l1_cpu=l1_cpu, l1_nested=l1_nested, host_kernel=os.uname().release,
-        kvm=kvm, qemu=qemu,
+        kvm=kvm, qemu=qemu, qemus=qemus, qemu_pin=qemu_pin,
     )
+
+
+def probe_schema(binary: str, *, module_dir: str = "",
+                 firmware_dirs: tuple[str, ...] = ()) -> QemuFacts:
+    """One QEMU binary's schema facts (no KVM start: ``accel_kvm_tried`` is False).
+
+    Starts one ``-machine none`` QEMU, bounded and reaped; SetupError when it cannot report
+    its schema (not a QEMU, or it dies), StepTimeout when it never answers.
+    """
+    schema, _ = asyncio.run(_qemu_sessions(binary, try_kvm=False, schema=True,
+                                           env=launch_env(module_dir), firmware=firmware_dirs))
+    return replace(_qemu_facts(binary, schema, tried=False, ok=False,
+                               error="not tried: schema probe only"),
+                   module_dir=module_dir, firmware_dirs=tuple(firmware_dirs))
+
+
+def launch_env(module_dir: str) -> dict[str, str]:
+    """The environment of one QEMU process: QEMU_MODULE_DIR set only for the binary it belongs
+    to. An inherited one is dropped: a 7.2 QEMU that loads 10.0's modules aborts (and the other
+    way round), and such a mismatch stays hidden until something makes QEMU load every module."""
+    env = {k: v for k, v in os.environ.items() if k != "QEMU_MODULE_DIR"}
+    if module_dir:
+        env["QEMU_MODULE_DIR"] = module_dir
+    return env
+
+
+def firmware_args(firmware_dirs: Iterable[str]) -> list[str]:
+    """``-L DIR`` per firmware dir: searched before the binary's compiled-in dirs."""
+    return [x for d in firmware_dirs for x in ("-L", d)]
 
 
 def warn_if_emulated(facts: HostFacts) -> None:
@@ -358,30 +446,37 @@ class _SessionFailed(Exception):
 
 
 async def _qemu_sessions(
-    binary: str, *, try_kvm: bool
+    binary: str, *, try_kvm: bool, schema: bool = True, env: dict[str, str] | None = None,
+    firmware: tuple[str, ...] = (),
 ) -> tuple[dict[str, Any], tuple[bool, str] | None]:
     """Run the schema QEMU and (optionally) the KVM QEMU side by side."""
     # The pid in the name says whose probe a QEMU belongs to (ps shows the socket path).
     with tempfile.TemporaryDirectory(prefix=f"nestvirt-probe-{os.getpid()}-") as tmp:
-        schema_args = ["-machine", "none", "-accel", "tcg"]
-        kvm_args = ["-accel", "kvm", "-cpu", "host", "-machine", "q35", "-S"]
+        fw = firmware_args(firmware)
+        schema_args = [*fw, "-machine", "none", "-accel", "tcg"]
+        kvm_args = [*fw, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-S"]
+
+        async def no_schema() -> dict[str, Any]:
+            return {}
+
         jobs: list[Awaitable[Any]] = [
-            _with_qemu(binary, schema_args, _read_schema, SCHEMA_TIMEOUT_S, tmp, "schema")
+            _with_qemu(binary, schema_args, _read_schema, SCHEMA_TIMEOUT_S, tmp, "schema", env)
+            if schema else no_schema()
         ]
         if try_kvm:
             jobs.append(
-                _with_qemu(binary, kvm_args, _query_kvm, KVM_START_TIMEOUT_S, tmp, "kvm")
+                _with_qemu(binary, kvm_args, _query_kvm, KVM_START_TIMEOUT_S, tmp, "kvm", env)
             )
         # return_exceptions: a failing schema QEMU must not cancel the KVM one mid-reap.
         results = await asyncio.gather(*jobs, return_exceptions=True)
 
-    schema = results[0]
-    if isinstance(schema, _SessionFailed):
-        raise SetupError(f"{binary} cannot report its QMP schema: {schema}")
-    if isinstance(schema, asyncio.TimeoutError):
+    schema_answers = results[0]
+    if isinstance(schema_answers, _SessionFailed):
+        raise SetupError(f"{binary} cannot report its QMP schema: {schema_answers}")
+    if isinstance(schema_answers, asyncio.TimeoutError):
         raise StepTimeout(f"{binary} did not answer QMP within {SCHEMA_TIMEOUT_S:g}s")
-    if isinstance(schema, BaseException):
-        raise schema
+    if isinstance(schema_answers, BaseException):
+        raise schema_answers
 
     kvm_start: tuple[bool, str] | None = None
     if try_kvm:
@@ -394,7 +489,7 @@ async def _qemu_sessions(
             raise outcome
         else:
             kvm_start = outcome
-    return schema, kvm_start
+    return schema_answers, kvm_start
 
 
 async def _with_qemu(
@@ -404,6 +499,7 @@ async def _with_qemu(
     timeout: float,
     tmp: str,
     tag: str,
+    env: dict[str, str] | None = None,
 ) -> _T:
     """Start QEMU with a QMP socket, run ``body`` on a connected client, quit, reap.
 
@@ -416,7 +512,7 @@ async def _with_qemu(
             "-qmp", f"unix:{sock},server=on,wait=off"]
     # stderr to a file, not a pipe: nobody reads it while QEMU runs, so a pipe could fill.
     with open(err_path, "wb") as err:
-        p = spawn(argv, stdout=subprocess.DEVNULL, stderr=err)
+        p = spawn(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
     try:
         return await asyncio.wait_for(_session(p, sock, body), timeout)
     except _SessionFailed as e:
@@ -502,6 +598,7 @@ async def _read_schema(client: QMPClient) -> dict[str, Any]:
         "schema": await client.execute("query-qmp-schema"),
         "commands": await client.execute("query-commands"),
         "version": await client.execute("query-version"),
+        "machines": await client.execute("query-machines"),
         "cpu_props": [],
     }
     for typename in _CPU_TYPENAMES:
@@ -575,6 +672,7 @@ def _qemu_facts(binary: str, answers: Mapping[str, Any], *, tried: bool, ok: boo
     version_tuple = (int(ver.get("major", 0)), int(ver.get("minor", 0)),
                      int(ver.get("micro", 0)))
     mig = _migration_facts(answers["schema"])
+    machines, default_machine = q35_machine_types(answers.get("machines") or [])
     return QemuFacts(
         binary=binary,
         version=".".join(map(str, version_tuple)),
@@ -590,7 +688,27 @@ def _qemu_facts(binary: str, answers: Mapping[str, Any], *, tried: bool, ok: boo
         accel_kvm_tried=tried,
         accel_kvm_ok=ok,
         accel_kvm_error=error,
+        machine_types=machines,
+        default_machine=default_machine,
     )
+
+
+_Q35 = re.compile(r"^pc-q35-(\d+)\.(\d+)$")
+
+
+def q35_machine_types(machines: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, ...], str]:
+    """(versioned q35 machine types oldest first, the one plain "q35" aliases) from
+    query-machines. Sorted as numbers: pc-q35-2.10 is newer than pc-q35-2.9."""
+    names = [str(m.get("name", "")) for m in machines]
+    versioned = sorted((n for n in names if _Q35.match(n)), key=machine_version)
+    alias = next((str(m.get("name")) for m in machines if m.get("alias") == "q35"), "")
+    return tuple(versioned), alias
+
+
+def machine_version(name: str) -> tuple[int, int]:
+    """(major, minor) of a versioned q35 type; (-1, -1) for anything else."""
+    m = _Q35.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
 
 
 # --------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@
 #define HOLD_MEM       (1u << 20)
 
 /* Flags set by signal handlers; all real work happens in the VMM thread between KVM_RUN calls. */
-static volatile sig_atomic_t g_verify_req, g_corrupt_req, g_stop_req, g_alarm;
+static volatile sig_atomic_t g_verify_req, g_corrupt_req, g_stop_req, g_alarm, g_pause_req,
+	g_resume_req;
 static struct kvm_run *volatile g_run;
 
 static void on_signal(int sig)
@@ -26,6 +27,10 @@ static void on_signal(int sig)
 		g_corrupt_req = 1;
 	else if (sig == SIGALRM)
 		g_alarm = 1;
+	else if (sig == SIGTSTP)
+		g_pause_req = 1;
+	else if (sig == SIGCONT)
+		g_resume_req = 1;
 	else
 		g_stop_req = 1;
 	/* makes a KVM_RUN that has not entered the guest yet return EINTR at once (no lost wakeup) */
@@ -35,7 +40,7 @@ static void on_signal(int sig)
 
 static void install_handlers(void)
 {
-	static const int sigs[] = { SIGUSR1, SIGUSR2, SIGTERM, SIGINT, SIGALRM };
+	static const int sigs[] = { SIGUSR1, SIGUSR2, SIGTERM, SIGINT, SIGALRM, SIGTSTP, SIGCONT };
 	struct sigaction sa;
 	size_t i;
 
@@ -197,6 +202,7 @@ static const char *kind_name(uint32_t k)
 	case KIND_VMMCALL: return "vmmcall";
 	case KIND_VMCALL: return "vmcall";
 	case KIND_PIO: return "pio";
+	case KIND_SPIN: return "spin";
 	default: return "other";
 	}
 }
@@ -409,6 +415,36 @@ static void do_verify(struct run_state *st, int at_report, const char *error)
 	arm_alarm(0);
 }
 
+/*
+ * `nvmm pause` (SIGTSTP): stay out of KVM_RUN until SIGCONT, so L1's vCPU runs only L1 (it is
+ * never in guest mode) and L1 can be stopped and migrated under an accel without nested state.
+ * Verify and corrupt requests wait for the resume; SIGTERM still ends the run.
+ */
+static void pause_here(struct run_state *st)
+{
+	sigset_t ours, old;
+
+	sigemptyset(&ours);
+	sigaddset(&ours, SIGCONT);
+	sigaddset(&ours, SIGTERM);
+	sigaddset(&ours, SIGINT);
+	/* blocked while the flags are read, so a resume landing between check and wait is kept */
+	sigprocmask(SIG_BLOCK, &ours, &old);
+	g_pause_req = 0;
+	g_resume_req = 0;
+	arm_alarm(0);
+	write_status(st, "paused", NULL, 1);
+	while (!g_resume_req && !g_stop_req)
+		sigsuspend(&old);
+	sigprocmask(SIG_SETMASK, &old, NULL);
+	g_resume_req = 0;
+	if (g_stop_req)
+		finish(st, "terminated", NULL, EXIT_OK);
+	if (st->verify_pending) /* the window ran out while paused: answer at the next stop */
+		st->verify_deadline = now_ns();
+	write_status(st, "running", NULL, 1);
+}
+
 /* Runs whenever KVM_RUN has returned, i.e. while L2 is stopped. */
 static void service(struct run_state *st, int at_report)
 {
@@ -416,6 +452,8 @@ static void service(struct run_state *st, int at_report)
 
 	if (g_stop_req)
 		finish(st, "terminated", NULL, EXIT_OK);
+	if (g_pause_req)
+		pause_here(st);
 	if (g_corrupt_req) {
 		g_corrupt_req = 0;
 		st->v.mem[REGION_GPA + 3 * 4096] += 0x55; /* byte 0 of page 3 */
@@ -657,6 +695,86 @@ static int cmd_run(int argc, char **argv)
 	}
 }
 
+/* ------------------------------------------------------------------ pause, resume */
+
+/* `nvmm pause --pidfile P --status S [--timeout T]`: ask `run` to leave KVM_RUN and wait until
+ * its status says so (state "paused", its own pid); print that status line. */
+static int ctl_pause(int argc, char **argv)
+{
+	static const struct option lo[] = {
+		{ "pidfile", required_argument, 0, 'p' }, { "status", required_argument, 0, 's' },
+		{ "timeout", required_argument, 0, 't' }, { 0, 0, 0, 0 } };
+	const char *pidfile = NULL, *status = NULL;
+	double timeout = 10;
+	static char line[4096];
+	char want[64];
+	uint64_t deadline;
+	pid_t pid;
+	int c;
+
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+		if (c == 'p')
+			pidfile = optarg;
+		else if (c == 's')
+			status = optarg;
+		else if (c == 't')
+			timeout = parse_pos_double("--timeout", optarg);
+		else
+			die_bad_option("pause", argv);
+	}
+	need_no_args("pause", argc, argv);
+	if (!status)
+		die(EXIT_USAGE, "pause: --status is required");
+	pid = ctl_target(pidfile);
+	if (kill(pid, SIGTSTP) < 0)
+		die(EXIT_NOTARGET, "cannot signal pid %d: %s", (int)pid, strerror(errno));
+	snprintf(want, sizeof want, "\"pid\":%d,", (int)pid);
+	deadline = now_ns() + (uint64_t)(timeout * 1e9);
+	for (;;) {
+		struct timespec ts = { 0, 10 * 1000 * 1000 };
+
+		if (read_small(status, line, sizeof line) > 0 && strstr(line, "\"state\":\"paused\"") &&
+		    strstr(line, want)) {
+			size_t n = strlen(line);
+
+			while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+				line[--n] = 0;
+			printf("%s\n", line);
+			return EXIT_OK;
+		}
+		if (kill(pid, 0) < 0 && errno == ESRCH)
+			die(EXIT_NOTARGET, "pid %d exited before pausing", (int)pid);
+		if (now_ns() >= deadline)
+			die(EXIT_TIMEOUT, "pause timed out after %gs: %s does not say paused", timeout,
+			    status);
+		nanosleep(&ts, NULL);
+	}
+}
+
+/* `nvmm resume --pidfile P`: a paused `run` enters KVM_RUN again (it does not wait). */
+static int ctl_resume(int argc, char **argv)
+{
+	static const struct option lo[] = {
+		{ "pidfile", required_argument, 0, 'p' }, { 0, 0, 0, 0 } };
+	const char *pidfile = NULL;
+	pid_t pid;
+	int c;
+
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+		if (c == 'p')
+			pidfile = optarg;
+		else
+			die_bad_option("resume", argv);
+	}
+	need_no_args("resume", argc, argv);
+	pid = ctl_target(pidfile);
+	if (kill(pid, SIGCONT) < 0)
+		die(EXIT_NOTARGET, "cannot signal pid %d: %s", (int)pid, strerror(errno));
+	return EXIT_OK;
+}
+
 /* ------------------------------------------------------------------ hold, l1loop, caps */
 
 static int cmd_hold(int argc, char **argv)
@@ -828,6 +946,8 @@ static void usage(void)
 		"                [--status PATH] [--log PATH] [--result PATH] [--pidfile PATH]\n"
 		"       nvmm verify --pidfile P --result F [--timeout S]\n"
 		"       nvmm corrupt --pidfile P\n"
+		"       nvmm pause --pidfile P --status S [--timeout T]\n"
+		"       nvmm resume --pidfile P\n"
 		"       nvmm hold [--pidfile P] [--status PATH]\n"
 		"       nvmm l1loop --kind cpuid [--iters N] [--reports K]\n"
 		"       nvmm caps\n"
@@ -840,6 +960,8 @@ int main(int argc, char **argv)
 		{"run", cmd_run},
 		{"verify", ctl_verify},
 		{"corrupt", ctl_corrupt},
+		{"pause", ctl_pause},
+		{"resume", ctl_resume},
 		{"hold", cmd_hold},
 		{"l1loop", cmd_l1loop},
 		{"caps", cmd_caps},

@@ -33,5 +33,6 @@
 #define KIND_VMMCALL   3 /* AMD VMMCALL hypercall loop */
 #define KIND_VMCALL    4 /* Intel VMCALL hypercall loop */
 #define KIND_PIO       5
+#define KIND_SPIN      6 /* spinloop: exits only to report (L1 stays in guest mode) */
 
 #endif

@@ -23,6 +23,8 @@ from harness.core import proc
 from harness.core.errors import NestvirtError, StepTimeout
 from harness.core.paths import TEMPLATES
 from harness.guest.kernlog import qemu_exit_story
+from harness.host.probe import launch_env
+from harness.vm.guestmode import TCG_SVM_LOG_ARGS
 
 # qemu.qmp logs every negotiation failure while we poll for the socket; our transcript is enough.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -45,6 +47,10 @@ class MachineConfig:
     smp: int = 1
     incoming: bool = False
     extra_args: tuple[str, ...] = ()
+    machine: str = "q35"  # a versioned type (pc-q35-7.2) when two binaries must agree
+    module_dir: str = ""  # QEMU_MODULE_DIR of this binary, for this process only
+    firmware_dirs: tuple[str, ...] = ()  # -L, before the binary's compiled-in dirs
+    tcg_svm_log: Path | None = None  # TCG's VMRUN/#VMEXIT log (harness/vm/guestmode.py)
 
 
 class QmpCommandError(NestvirtError):
@@ -103,20 +109,26 @@ class Machine:
             qemu=c.qemu, name=f"nestvirt-{c.name}", accel=c.accel, cpu=c.cpu, mem_mib=c.mem_mib,
             smp=c.smp, kernel=c.kernel, initrd=c.initrd, append=c.append,
             console_log=self.console_log, events_log=self.events_log, ssh_port=self.ssh_port,
-            qmp_socket=self.qmp_socket, incoming=c.incoming, extra_args=c.extra_args)
+            qmp_socket=self.qmp_socket, incoming=c.incoming, extra_args=c.extra_args,
+            machine=c.machine, firmware_dirs=c.firmware_dirs,
+            tcg_log_args=TCG_SVM_LOG_ARGS if c.tcg_svm_log else (), tcg_svm_log=c.tcg_svm_log)
         return [line.strip() for line in text.splitlines() if line.strip()]
 
     def launch(self, timeout: float = 20.0) -> None:
         """Start QEMU and connect QMP; raise StepTimeout with QEMU's own error if it dies."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.argv = self.render_argv()
+        # The module dir is part of how this binary starts: the saved line must carry it.
+        env_text = (f"QEMU_MODULE_DIR={_shell_quote(self.config.module_dir)} "
+                    if self.config.module_dir else "")
         (self.workdir / f"{self.config.name}-cmdline.txt").write_text(
-            " ".join(_shell_quote(a) for a in self.argv) + "\n")
+            env_text + " ".join(_shell_quote(a) for a in self.argv) + "\n")
         self._transcript = open(self.transcript_path, "a")
         self._t0 = time.monotonic()
         stderr = open(self.stderr_log, "wb")
         try:
-            self._proc = proc.spawn(self.argv, stdout=stderr, stderr=stderr)
+            self._proc = proc.spawn(self.argv, stdout=stderr, stderr=stderr,
+                                    env=launch_env(self.config.module_dir))
         finally:
             stderr.close()
         deadline = time.monotonic() + timeout
@@ -134,7 +146,7 @@ class Machine:
             if time.monotonic() > deadline:
                 raise StepTimeout(f"{self.config.name} QMP did not answer in {timeout:g}s")
             time.sleep(0.02)
-        self._log("connected", {"argv": self.argv})
+        self._log("connected", {"argv": self.argv, "module_dir": self.config.module_dir})
 
     def qmp(self, command: str, timeout: float = 30.0, **args: Any) -> Any:
         """Execute one QMP command; return its result or raise QmpCommandError."""
@@ -226,6 +238,18 @@ class Machine:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    def thread_names(self) -> list[str]:
+        """Names of QEMU's threads now (-name ...,debug-threads=on names them; /proc shows them)."""
+        if not self.alive() or self.pid is None:
+            return []
+        names = []
+        for comm in Path(f"/proc/{self.pid}/task").glob("*/comm"):
+            try:
+                names.append(comm.read_text().strip())
+            except OSError:
+                continue  # a thread that ended while we looked
+        return names
 
     @property
     def returncode(self) -> int | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,7 +20,15 @@ RECORDED_PARAMS = (
     "multifd-channels", "multifd-compression", "multifd-zlib-level", "multifd-zstd-level",
     "compress-threads", "decompress-threads", "compress-level", "compress-wait-thread",
     "xbzrle-cache-size", "max-bandwidth", "downtime-limit",
+    # QEMU 9.0+: how zero pages are found (a machine type's compat default: pc-q35-7.2 on 10.0
+    # gives "legacy", pc-q35-10.0 "multifd"); left as the machine type says.
+    "zero-page-detection",
 )
+# Thread names of migration, as -name ...,debug-threads=on shows them: 7.2 live_migration,
+# multifdsend_N, multifdrecv_N, compress, decompress; 10.0 mig/src/main, mig/src/send_N,
+# mig/dst/recv_N (query-migrationthreads is absent in 7.2 and deprecated in 9.2).
+MIGRATION_THREAD = re.compile(r"^(live_migration|mig/|multifd|compress$|decompress$)")
+THREAD_SAMPLE_S = 0.02
 
 
 class QemuSchema(Protocol):
@@ -131,14 +141,17 @@ class MigrationOutcome:
     settings: dict = field(default_factory=dict)
     dst_status: str | None = None
     dst_error: str | None = None
+    switchover: str | None = None  # with before_switchover: "continued" or "cancelled"
+    threads: dict[str, list[str]] = field(default_factory=dict)  # side -> migration threads seen
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def configure(m: Machine, mode: MigrationMode, side: str) -> dict:
+def configure(m: Machine, mode: MigrationMode, side: str,
+              extra_caps: Mapping[str, bool] | None = None) -> dict:
     """Set capabilities and parameters on one side and read them back for the record."""
-    caps = mode.capabilities()
+    caps = {**mode.capabilities(), **(extra_caps or {})}
     m.qmp("migrate-set-capabilities",
           capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
     m.qmp("migrate-set-parameters", **mode.parameters(side))
@@ -152,27 +165,47 @@ def configure(m: Machine, mode: MigrationMode, side: str) -> dict:
 
 
 def migrate(src: Machine, dst: Machine, mode: MigrationMode, uri: str,
-            timeout: float = 120.0, on_started: Callable[[], None] | None = None) -> MigrationOutcome:
+            timeout: float = 120.0, on_started: Callable[[], None] | None = None,
+            before_switchover: Callable[[], bool] | None = None) -> MigrationOutcome:
     """Run one migration to a terminal state (or timeout), then see whether dst took it.
 
     on_started runs right after the source was told to migrate (where a fault can act).
+    before_switchover: the source pauses before switchover (pause-before-switchover, with its
+    vCPUs stopped) and this decides: True continues, False cancels (the source runs on, the
+    destination's load fails). The migration threads both sides show are sampled throughout.
     """
     out = MigrationOutcome(status="setup")
-    out.settings = {"dst": configure(dst, mode, "dst"), "src": configure(src, mode, "src")}
+    src_caps = {"pause-before-switchover": True} if before_switchover else None
+    out.settings = {"dst": configure(dst, mode, "dst"),
+                    "src": configure(src, mode, "src", extra_caps=src_caps)}
     dst.qmp("migrate-incoming", uri=uri)
+    sampler = _ThreadSampler({"src": src, "dst": dst})
     t0 = time.monotonic()
     src.qmp("migrate", uri=uri)
     if on_started is not None:
         on_started()
+    wanted = TERMINAL | ({"pre-switchover"} if before_switchover else set())
     try:
-        src.wait_qmp_event({"MIGRATION"}, timeout,
-                           match=lambda e: e.get("data", {}).get("status") in TERMINAL)
+        ev = src.wait_qmp_event({"MIGRATION"}, timeout,
+                                match=lambda e: e.get("data", {}).get("status") in wanted)
+        if ev.get("data", {}).get("status") == "pre-switchover" and before_switchover:
+            go = before_switchover()
+            out.switchover = "continued" if go else "cancelled"
+            if go:
+                src.qmp("migrate-continue", state="pre-switchover")
+            else:
+                src.qmp("migrate_cancel")
+            left = max(1.0, timeout - (time.monotonic() - t0))
+            src.wait_qmp_event({"MIGRATION"}, left,
+                               match=lambda e: e.get("data", {}).get("status") in TERMINAL)
     except StepTimeout as e:
         out.status, out.error = "timeout", str(e)
         try:
             src.qmp("migrate_cancel")
         except QmpCommandError:
             pass
+    finally:
+        out.threads = sampler.stop()
     out.seconds = round(time.monotonic() - t0, 3)
     try:
         info = src.qmp("query-migrate")
@@ -184,6 +217,30 @@ def migrate(src: Machine, dst: Machine, mode: MigrationMode, uri: str,
         out.error = out.error or str(e)
     out.dst_status, out.dst_error = destination_state(dst, timeout=15.0)
     return out
+
+
+class _ThreadSampler:
+    """Collects the migration thread names of some QEMUs from /proc, every 20 ms, in a thread
+    of its own (the QMP waits above block)."""
+
+    def __init__(self, machines: Mapping[str, Machine]) -> None:
+        self.machines = machines
+        self.seen: dict[str, set[str]] = {side: set() for side in machines}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nestvirt-threads", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for side, m in self.machines.items():
+                self.seen[side].update(n for n in m.thread_names() if MIGRATION_THREAD.match(n))
+            self._stop.wait(THREAD_SAMPLE_S)
+
+    def stop(self) -> dict[str, list[str]]:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        # multifdsend_0 and multifdsend_1 are one kind: keep every name, sorted.
+        return {side: sorted(names) for side, names in self.seen.items()}
 
 
 def destination_state(dst: Machine, timeout: float) -> tuple[str, str | None]:

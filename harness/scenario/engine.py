@@ -9,7 +9,7 @@ import re
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from harness.core.errors import StepTimeout
@@ -18,20 +18,24 @@ from harness.guest.image import GUEST_TOOLS, L1Image
 from harness.guest.l1 import L1Shell, RunKey
 from harness.host.enlightenments import Profile, host_support, qemu_cpu_suffix, same_enlightenments
 from harness.host.hvcpuid import supported_hv_flags
-from harness.host.probe import HostFacts
+from harness.host.probe import HostFacts, QemuFacts
+from harness.qemu.inventory import machine_for
 from harness.scenario import checks as ck
 from harness.scenario import faults
+from harness.scenario.binaries import lacks
 from harness.scenario.faults import At
 from harness.scenario.hv_checks import enlightenment_checks
 from harness.scenario.result import ScenarioResult, Timer, execute_guarded, finish
-from harness.scenario.spec import Variant
+from harness.scenario.spec import ScenarioSpec, Variant
+from harness.vm.guestmode import GuestModeState, SvmTrace
 from harness.vm.machine import Machine, MachineConfig, QmpCommandError
 from harness.vm.migration import MigrationOutcome, migrate, summarize_stats
 
 
 @dataclass(frozen=True)
 class RunContext:
-    """What every scenario of a run shares: host facts, built L1, where results go."""
+    """What every scenario of a run shares: host facts (the QEMU inventory with them), built
+    L1, where results go."""
 
     host: HostFacts
     image: L1Image
@@ -41,6 +45,7 @@ class RunContext:
 
     @property
     def qemu(self) -> str:
+        """The run's own binary (a variant without a QemuPlan runs it on both sides)."""
         return self.host.qemu.binary
 
     @property
@@ -50,12 +55,81 @@ class RunContext:
     def l1_cpu(self, profile: Profile) -> str:
         return self.host.l1_cpu + qemu_cpu_suffix(profile)
 
+    def binaries(self, variant: Variant) -> tuple[QemuFacts | None, QemuFacts | None]:
+        """(src, dst) facts of the binaries the variant names; None for one not in this host's
+        inventory (a variant planned elsewhere)."""
+        if variant.qemu is None:
+            return self.host.qemu, self.host.qemu
+        return self.host.binary(variant.qemu.src), self.host.binary(variant.qemu.dst)
+
+    def machine(self, variant: Variant) -> str:
+        return variant.qemu.machine if variant.qemu else machine_for(self.host.qemu)
+
     def unsupported_reason(self, variant: Variant) -> str | None:
         """Why this host cannot run the variant (a skip reason), from the probe's facts."""
         h = self.host
-        return variant.mode.unsupported_reason(h.qemu) or host_support(
+        src, dst = self.binaries(variant)
+        plan = variant.qemu
+        if plan is not None and (src is None or dst is None):
+            path, version = ((plan.src, plan.src_version) if src is None
+                             else (plan.dst, plan.dst_version))
+            return f"QEMU {version} ({path}) is not in this host's inventory (see nestvirt qemu)"
+        assert src is not None and dst is not None
+        missing = (lacks(variant.mode, plan, src, dst) if plan is not None
+                   else variant.mode.unsupported_reason(h.qemu))
+        return missing or nested_state_reason(variant.spec, h) or host_support(
             variant.profile, accel=h.accel, l1_nested=h.l1_nested, caps=h.kvm.caps,
-            hv_supported=supported_hv_flags(h.kvm.hv_cpuid), qemu_hv_props=h.qemu.hv_props)
+            hv_supported=supported_hv_flags(h.kvm.hv_cpuid), qemu_hv_props=src.hv_props)
+
+
+def nested_state_reason(spec: ScenarioSpec, host: HostFacts) -> str | None:
+    """Why a scenario that needs KVM nested state cannot run here, or None."""
+    if not spec.needs_nested_state:
+        return None
+    if host.accel != "kvm":
+        return (f"needs KVM nested state (KVM_CAP_NESTED_STATE) to carry L1's vCPU in guest mode; "
+                f"under {host.accel} QEMU has none and the destination refuses such a vCPU "
+                "(target/i386/machine.c): runs where KVM is (see the KVM host VM)")
+    if not host.kvm.caps.get("NESTED_STATE"):
+        return "needs KVM_CAP_NESTED_STATE, which this host's KVM lacks"
+    return None
+
+
+def guest_mode_watch(variant: Variant, host: HostFacts, src: QemuFacts) -> str | None:
+    """Why the stop of this variant is not watched for guest mode, or None when it is.
+
+    Watched: live nested migrations under an accel without nested state, where a stop that
+    lands while L1 runs L2 cannot migrate (QEMU's rule, not a flake). Each stop is then recorded
+    with where it landed, and with guest_mode_retries > 0 one in guest mode is cancelled and
+    tried again (the policy); with 0 it goes ahead and the destination decides."""
+    spec = variant.spec
+    if spec.state != "nested" or spec.paused:
+        return "not a live nested migration"
+    if host.accel == "kvm":
+        return "KVM carries guest mode in its nested state"
+    if "pause-before-switchover" not in src.migration_capabilities:
+        return f"QEMU {src.label} lacks the pause-before-switchover capability"
+    return None
+
+
+def qemu_record(variant: Variant, ctx: RunContext) -> dict:
+    """What the result records of the binaries: name, path, version, machine type per side,
+    how they were chosen, and the newer QEMUs' extras each one has."""
+    src, dst = ctx.binaries(variant)
+    machine = ctx.machine(variant)
+    plan = variant.qemu
+    out: dict = {"machine": machine, "pinned": bool(plan and plan.pinned),
+                 "why": plan.why if plan else "the run's binary",
+                 "cross_version": bool(plan and plan.cross_version)}
+    for side, q, path in (("src", src, plan.src if plan else ctx.qemu),
+                          ("dst", dst, plan.dst if plan else ctx.qemu)):
+        out[side] = {"binary": path, "machine": machine,
+                     "name": q.label if q else "", "version": q.version if q else "",
+                     "has": {"dirty-limit": "dirty-limit" in q.migration_capabilities,
+                             "zero-page-detection": "zero-page-detection" in q.migration_parameters,
+                             "query-migrationthreads": "query-migrationthreads" in q.commands,
+                             "legacy-compress": q.legacy_compress} if q else {}}
+    return out
 
 
 def run_variant(variant: Variant, ctx: RunContext) -> ScenarioResult:
@@ -70,6 +144,7 @@ def run_variant(variant: Variant, ctx: RunContext) -> ScenarioResult:
     if mismatch:
         res.verdict, res.reason = "error", f"refused before migrating: {mismatch}"
         return finish(res, workdir)
+    res.params["qemu"] = qemu_record(variant, ctx)
     skip = ctx.unsupported_reason(variant)
     if skip:
         res.verdict, res.reason = "skip", skip
@@ -94,11 +169,14 @@ class _ScenarioRun:
         self.shells: list[L1Shell] = []
 
     # -- machines -------------------------------------------------------------------------
-    def _machine(self, name: str, incoming: bool) -> Machine:
+    def _machine(self, name: str, incoming: bool, tcg_svm_log: Path | None = None) -> Machine:
         v = self.variant
         profile = v.profile if name == "src" else (v.dst_profile or v.profile)
+        src, dst = self.ctx.binaries(v)
         return launch_l1(self.ctx, name, self.workdir, self.key, cpu=self.ctx.l1_cpu(profile),
-                         mem_mib=self.spec.mem_mib, smp=self.spec.smp, incoming=incoming)
+                         mem_mib=self.spec.mem_mib, smp=self.spec.smp, incoming=incoming,
+                         qemu=src if name == "src" else dst, machine=self.ctx.machine(v),
+                         tcg_svm_log=tcg_svm_log)
 
     def _shell(self, m: Machine, timeout: float = 30.0) -> L1Shell:
         sh = L1Shell(m.ssh_port, self.key)
@@ -109,8 +187,17 @@ class _ScenarioRun:
     # -- steps ----------------------------------------------------------------------------
     def execute(self) -> None:
         spec = self.spec
+        src_facts, _ = self.ctx.binaries(self.variant)
+        assert src_facts is not None
+        unwatched = guest_mode_watch(self.variant, self.ctx.host, src_facts)
+        trace = None if unwatched else SvmTrace(self.workdir / "src-svm.log")
+        if self.spec.state == "nested" and not self.spec.paused:
+            n = self.variant.guest_mode_retries
+            self.res.metrics["guest_mode_policy"] = unwatched or (
+                f"retry: up to {n} time(s)" if n > 0 else "watch only: guest_mode_retries 0")
         with self.timer.phase("boot_src"):
-            self.src = self._machine("src", incoming=False)
+            self.src = self._machine("src", incoming=False,
+                                     tcg_svm_log=trace.path if trace else None)
             ready = self.src.wait_guest_event("ready", self.ctx.boot_timeout)
             self.res.metrics["l1_ready"] = ready
             if spec.state != "plain" and ready.get("kvm") != "yes":
@@ -123,15 +210,16 @@ class _ScenarioRun:
             dmesg_before = sh.run("dmesg", 15).out
             self._fault("before-migrate", sh)
         if spec.paused:
+            if spec.state == "nested":
+                self._quiesce_l2(sh)
             self.src.qmp("stop")
-        with self.timer.phase("start_dst"):
-            self.dst = self._machine("dst", incoming=True)
-        with self.timer.phase("migrate"):
-            uri = self._uri()
-            outcome = migrate(self.src, self.dst, self.mode, uri, self.ctx.migrate_timeout,
-                              on_started=lambda: self._fault("during-migrate"))
+        outcome = self._migrate(trace)
         self._record_migration(outcome)
-        self.res.checks.append(ck.migration_completed(outcome.status, outcome.error, spec.state))
+        check = ck.migration_completed(outcome.status, outcome.error, spec.state)
+        attempts = self.res.metrics.get("switchover_attempts")
+        if attempts and (len(attempts) > 1 or attempts[-1].get("in_guest_mode")):
+            check = replace(check, detail=check.detail + "; " + attempts_summary(attempts))
+        self.res.checks.append(check)
         with self.timer.phase("verify"):
             self._fault("after-migrate")
             expected = "paused" if spec.paused else "running"
@@ -158,6 +246,76 @@ class _ScenarioRun:
             else:
                 self._check_guest(l2_before, dmesg_before)
 
+    def _migrate(self, trace: SvmTrace | None) -> MigrationOutcome:
+        """Start the destination and migrate; with the guest-mode policy (``trace``), a
+        switchover that would land in guest mode is cancelled and tried again with a fresh
+        destination, on the same source, up to the variant's retries; every attempt is kept."""
+        attempts: list[dict] = []
+        tries = 1 + (self.variant.guest_mode_retries if trace else 0)
+        for n in range(1, tries + 1):
+            if self.dst is not None:
+                self._set_aside_dst(n - 1)
+            with self.timer.phase("start_dst"):
+                self.dst = self._machine("dst", incoming=True)
+            decide = None
+            if trace is not None:
+                decide = self._switchover_decision(trace, attempts, n, last=n == tries)
+            with self.timer.phase("migrate"):
+                outcome = migrate(self.src, self.dst, self.mode, self._uri(),
+                                  self.ctx.migrate_timeout,
+                                  on_started=(lambda: self._fault("during-migrate")) if n == 1
+                                  else None, before_switchover=decide)
+            if trace is None:
+                return outcome
+            if not attempts or attempts[-1]["attempt"] != n:
+                # No pre-switchover stop was reached (failed or timed out before it).
+                attempts.append({"attempt": n, "action": "none: no pre-switchover stop"})
+            attempts[-1].update(status=outcome.status, seconds=outcome.seconds,
+                                dst_status=outcome.dst_status)
+            self.res.metrics["switchover_attempts"] = attempts
+            if outcome.switchover != "cancelled":
+                return outcome
+        raise AssertionError("unreachable: the last attempt always continues")
+
+    def _switchover_decision(self, trace: SvmTrace, attempts: list[dict], n: int,
+                             last: bool) -> Callable[[], bool]:
+        def decide() -> bool:
+            state = self._guest_mode_at_stop(trace, n)
+            go = not state.in_guest_mode or last
+            out_of = ("no retries left" if self.variant.guest_mode_retries
+                      else "retries off")
+            attempts.append({
+                "attempt": n, "vmruns": state.vmruns, "vmexits": state.vmexits,
+                "in_guest_mode": state.in_guest_mode,
+                "action": ("continued" if not state.in_guest_mode else
+                           f"continued: {out_of}, the destination decides" if last else
+                           "cancelled: the stop landed in guest mode"),
+                "why": state.describe()})
+            return go
+        return decide
+
+    def _guest_mode_at_stop(self, trace: SvmTrace, attempt: int) -> GuestModeState:
+        """Read at pre-switchover, with the source's vCPU stopped (so the count is final)."""
+        return trace.read()
+
+    def _set_aside_dst(self, attempt: int) -> None:
+        """End a cancelled attempt's destination and keep its files under attempt-N/."""
+        assert self.dst is not None
+        self.dst.shutdown()
+        keep = self.workdir / f"attempt-{attempt}"
+        keep.mkdir(exist_ok=True)
+        for f in self.workdir.glob("dst-*"):
+            f.rename(keep / f.name)
+        self.dst = None
+
+    def _quiesce_l2(self, sh: L1Shell) -> None:
+        """Paused scenarios: nvmm leaves KVM_RUN and waits, so the stop lands with L1 outside
+        guest mode (a vCPU in guest mode does not migrate without KVM nested state)."""
+        r = sh.run("nvmm pause --pidfile /run/l2.pid --status /run/l2.status --timeout 10", 20)
+        if r.rc != 0:
+            raise StepTimeout(f"L2 did not pause: nvmm pause exit {r.rc}: {r.err.strip()[:200]}")
+        self.res.metrics["l2_quiesced"] = _json_or_empty(r.out)
+
     def _start_guest_programs(self, sh: L1Shell) -> None:
         s = self.spec
         cmds = []
@@ -166,7 +324,9 @@ class _ScenarioRun:
                         f"--rate-mib-s {s.l1_rate_mib_s} --status /run/l1work.status "
                         "--result /run/l1work.verify --pidfile /run/l1work.pid")
         if s.state == "nested":
-            cmds.append(f"nvmm run --payload {GUEST_TOOLS}/payloads/pagecount.bin --pages {s.l2_pages} "
+            size = (f"--pages {s.l2_pages}" if s.l2_payload == "pagecount"
+                    else f"--iters {s.l2_iters}")
+            cmds.append(f"nvmm run --payload {GUEST_TOOLS}/payloads/{s.l2_payload}.bin {size} "
                         "--status /run/l2.status --log /run/l2-serial.log "
                         "--result /run/l2.verify --pidfile /run/l2.pid")
         elif s.state == "bare":
@@ -208,6 +368,8 @@ class _ScenarioRun:
 
     def _record_migration(self, o: MigrationOutcome) -> None:
         self.res.metrics["migration"] = summarize_stats(o.stats)
+        if o.threads:
+            self.res.metrics["migration_threads"] = o.threads
         self.res.metrics["migration_seconds"] = o.seconds
         self.res.metrics["migration_status"] = o.status
         self.res.params["migration_settings"] = o.settings
@@ -266,8 +428,9 @@ class _ScenarioRun:
             add(ck.l2_progress(l2_before, samples))
             self.res.metrics["l2_pass"] = {"src_before": l2_before, "dst": samples}
             self._fault("after-l2-progress", sh)
-            add(ck.pattern_verified("l2-memory-pattern", self._verify(sh, "nvmm", "/run/l2"),
-                                    "L2 page counter"))
+            if spec.l2_payload == "pagecount":  # the only payload with memory to check
+                add(ck.pattern_verified("l2-memory-pattern", self._verify(sh, "nvmm", "/run/l2"),
+                                        "L2 page counter"))
         if spec.state == "bare":
             r = sh.run(f"nvmm run --payload {GUEST_TOOLS}/payloads/cpuidloop.bin --iters 1000 "
                        "--reports 2", 30)
@@ -315,15 +478,25 @@ class _ScenarioRun:
                     m.shutdown()
                 except (QmpCommandError, OSError):
                     pass
+        # Megabytes of VMRUN/#VMEXIT lines: their counts at each stop are in the result.
+        (self.workdir / "src-svm.log").unlink(missing_ok=True)
 
 
 def launch_l1(ctx: RunContext, name: str, workdir: Path, key: RunKey, *, cpu: str,
-              mem_mib: int = 512, smp: int = 1, incoming: bool = False) -> Machine:
-    """Start one L1 QEMU from the run's image (not waiting for boot); reap with shutdown()."""
+              mem_mib: int = 512, smp: int = 1, incoming: bool = False,
+              qemu: QemuFacts | None = None, machine: str | None = None,
+              tcg_svm_log: Path | None = None) -> Machine:
+    """Start one L1 QEMU from the run's image (not waiting for boot); reap with shutdown().
+
+    ``qemu``: the binary (default the run's own), started as the inventory says (module dir,
+    firmware dirs); ``machine``: its machine type (default that binary's newest q35)."""
+    q = qemu or ctx.host.qemu
     cfg = MachineConfig(
-        name=name, qemu=ctx.qemu, accel=ctx.accel, cpu=cpu, kernel=ctx.image.kernel.image,
+        name=name, qemu=q.binary, accel=ctx.accel, cpu=cpu, kernel=ctx.image.kernel.image,
         initrd=ctx.image.initramfs, mem_mib=mem_mib, smp=smp, incoming=incoming,
-        append=f"console=ttyS0 panic=-1 loglevel=6 {key.cmdline_arg}")
+        append=f"console=ttyS0 panic=-1 loglevel=6 {key.cmdline_arg}",
+        machine=machine or machine_for(q), module_dir=q.module_dir,
+        firmware_dirs=q.firmware_dirs, tcg_svm_log=tcg_svm_log)
     # A port taken between asking and QEMU's bind makes QEMU exit: retry with a new one.
     for attempt in range(3):
         m = Machine(cfg, workdir, free_port())
@@ -335,6 +508,19 @@ def launch_l1(ctx: RunContext, name: str, workdir: Path, key: RunKey, *, cpu: st
             if "hostfwd" not in str(e) or attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+def attempts_summary(attempts: list[dict]) -> str:
+    """One line over the switchover attempts of the guest-mode policy."""
+    cancelled = sum(str(a.get("action", "")).startswith("cancelled") for a in attempts)
+    line = f"switchover on attempt {len(attempts)}"
+    if cancelled:
+        line += f" ({cancelled} cancelled: the stop landed in guest mode)"
+    last = attempts[-1]
+    if last.get("in_guest_mode"):
+        line += (f"; the last stop too ({last.get('why')}): under TCG the destination refuses "
+                 "a vCPU in guest mode")
+    return line
 
 
 def _json_or_empty(text: str) -> dict:

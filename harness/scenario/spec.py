@@ -13,7 +13,11 @@ from harness.scenario.faults import FAULTS
 from harness.vm.migration import MigrationMode
 
 STATES = ("plain", "bare", "nested")
+L2_PAYLOADS = ("pagecount", "spinloop")
 NO_PROFILE = Profile(name="none")
+# Under an accel without nested state (TCG), live nested migrations whose stop would land in
+# guest mode are cancelled and tried again this many times (scenario/engine.py).
+GUEST_MODE_RETRIES = 5
 
 
 @dataclass(frozen=True)
@@ -32,11 +36,18 @@ class ScenarioSpec:
     l1_threads: int = 2
     l1_rate_mib_s: int = 32
     l2_pages: int = 128
+    # L2's payload: pagecount (memory checked between exits) or spinloop (a register loop that
+    # exits only to report, l2_iters spins apart: L1 stays in guest mode nearly always).
+    l2_payload: str = "pagecount"
+    l2_iters: int = 5_000_000
     inject: str | None = None  # a deliberate fault (scenario/faults.py): proves the checks can fail
     profile: str | None = None  # an enlightenment profile this scenario is about (else the run's)
+    # Needs KVM nested state to migrate (L2 in guest mode at the stop): skips without it.
+    needs_nested_state: bool = False
 
     def __post_init__(self) -> None:
         assert self.state in STATES, self.state
+        assert self.l2_payload in L2_PAYLOADS, self.l2_payload
         assert self.inject is None or self.inject in FAULTS, self.inject
 
     def to_json(self) -> dict[str, Any]:
@@ -51,16 +62,49 @@ class ScenarioSpec:
 
 
 @dataclass(frozen=True)
+class QemuPlan:
+    """Which QEMU binaries run a variant and with which machine type, decided when it was
+    planned (scenario/binaries.py); the engine starts exactly these."""
+
+    src: str  # binary paths, as the inventory has them (HostFacts.qemus)
+    dst: str
+    machine: str  # a versioned type both have: the newest common one (pc-q35-7.2)
+    src_version: str
+    dst_version: str
+    src_name: str = ""
+    dst_name: str = ""
+    pinned: bool = False  # named by the user (--qemu, --src-qemu, matrix axes): never swapped
+    why: str = ""  # how the binaries were chosen, in a line
+
+    @property
+    def cross_version(self) -> bool:
+        return self.src != self.dst
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> QemuPlan:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class Variant:
-    """A scenario with its axes fixed: migration mode and L1's enlightenment profile.
+    """A scenario with its axes fixed: migration mode, L1's enlightenment profile, the QEMU
+    binaries of both sides (None: the run's own binary on both, its newest machine type).
 
     dst_profile differs from profile only to prove the pre-migration guard (None: same).
+    guest_mode_retries: how often a live nested migration under TCG whose stop would land in
+    guest mode is cancelled and tried again (0: never; the refusal is then reported as QEMU
+    gives it).
     """
 
     spec: ScenarioSpec
     mode: MigrationMode
     profile: Profile = NO_PROFILE
     dst_profile: Profile | None = None
+    qemu: QemuPlan | None = None
+    guest_mode_retries: int = GUEST_MODE_RETRIES
 
     @property
     def id(self) -> str:
@@ -72,13 +116,16 @@ class Variant:
     def params(self) -> dict[str, Any]:
         return {"spec": self.spec.to_json(), "migration": self.mode.to_json(),
                 "profile": {"name": self.profile.name, "cpu_suffix": qemu_cpu_suffix(self.profile),
-                            "notes": list(self.profile.notes)}}
+                            "notes": list(self.profile.notes)},
+                "guest_mode_retries": self.guest_mode_retries}
 
     def to_json(self) -> dict[str, Any]:
         """Everything that makes the variant what it is; from_json gives it back."""
         return {"id": self.id, "spec": self.spec.to_json(), "mode": self.mode.to_json(),
                 "profile": self.profile.to_json(),
-                "dst_profile": self.dst_profile.to_json() if self.dst_profile else None}
+                "dst_profile": self.dst_profile.to_json() if self.dst_profile else None,
+                "qemu": self.qemu.to_json() if self.qemu else None,
+                "guest_mode_retries": self.guest_mode_retries}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Variant:
@@ -88,6 +135,8 @@ class Variant:
             mode = MigrationMode.from_json(d["mode"])
             profile = Profile.from_json(d["profile"])
             dst = Profile.from_json(d["dst_profile"]) if d.get("dst_profile") else None
-        except (KeyError, TypeError, AssertionError) as e:
+            qemu = QemuPlan.from_json(d["qemu"]) if d.get("qemu") else None
+            retries = int(d.get("guest_mode_retries", GUEST_MODE_RETRIES))
+        except (KeyError, TypeError, ValueError, AssertionError) as e:
             raise UsageError(f"variant file: {type(e).__name__}: {e}") from e
-        return cls(spec, mode, profile, dst)
+        return cls(spec, mode, profile, dst, qemu, retries)

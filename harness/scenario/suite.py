@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from harness.core.errors import UsageError
 from harness.host.enlightenments import Profile, resolve_profile
-from harness.scenario.spec import ScenarioSpec, Variant
+from harness.scenario.spec import GUEST_MODE_RETRIES, ScenarioSpec, Variant
 from harness.vm.migration import COMPRESSION_MODES, MigrationMode
 
 _GUEST_CHECKS = ("migration-completed", "dst-qemu-alive", "l1-ssh-on-dst", "l1-responsive-on-dst",
@@ -33,8 +33,15 @@ SCENARIOS: dict[str, ScenarioSpec] = {s.name: s for s in (
         checks=(*_GUEST_CHECKS, "l2-progress", "l2-memory-pattern", "l1-sees-enlightenments",
                 "l1-uses-evmcs", "evmcs-log-clean")),
     ScenarioSpec(
+        name="migrate-nested-guest-mode",
+        description="L2 spinning without exits, so the stop catches L1 in guest mode: migrates "
+                    "only with KVM nested state (skips under TCG)",
+        state="nested", l2_payload="spinloop", needs_nested_state=True,
+        checks=(*_GUEST_CHECKS, "l2-progress")),
+    ScenarioSpec(
         name="migrate-paused-identity",
-        description="Stop L1 (L2 inside), migrate, compare guest RAM and vCPU registers src/dst",
+        description="Pause L2 (nvmm leaves KVM_RUN), stop L1, migrate, compare guest RAM and "
+                    "vCPU registers src/dst",
         state="nested", paused=True,
         checks=("migration-completed", "dst-qemu-alive", "ram-identical",
                 "vcpu-registers-identical")),
@@ -56,7 +63,7 @@ SMOKE = (("migrate-plain", None), ("migrate-nested", None), ("migrate-paused-ide
 
 
 def expand(names: list[str], compression: str | None, knobs: dict,
-           inject: str | None = None) -> list[Variant]:
+           inject: str | None = None, guest_mode_retries: int = GUEST_MODE_RETRIES) -> list[Variant]:
     """Scenario names (empty: the smoke suite) x modes -> variants; UsageError on bad names."""
     for n in names:
         if n not in SCENARIOS:
@@ -70,7 +77,8 @@ def expand(names: list[str], compression: str | None, knobs: dict,
         modes = [compression] if compression else ([fixed] if fixed else list(COMPRESSION_MODES))
         spec = SCENARIOS[name] if inject is None else replace(SCENARIOS[name], inject=inject)
         for m in modes:
-            variants.append(Variant(spec, MigrationMode(compression=m, **knobs)))
+            variants.append(Variant(spec, MigrationMode(compression=m, **knobs),
+                                    guest_mode_retries=guest_mode_retries))
     return variants
 
 

@@ -14,7 +14,8 @@ import pytest
 from harness.core import proc
 from harness.guest.image import L1Image, build_l1, build_tools
 from harness.guest.kernel import find_kernel
-from harness.host.probe import HostFacts, probe
+from harness.host.probe import HostFacts
+from harness.qemu.inventory import probe_host
 from harness.results import known
 from harness.scenario.engine import RunContext
 from harness.scenario.result import ScenarioResult
@@ -25,7 +26,8 @@ SIGNATURES = known.load()
 
 @pytest.fixture(scope="session")
 def facts() -> HostFacts:
-    return probe("auto")
+    # The inventory's default: the newest binary (QEMU 10.0 once `nestvirt qemu fetch` ran).
+    return probe_host("auto")
 
 
 @pytest.fixture(scope="session")
@@ -90,5 +92,5 @@ def qemu_flaked(r: ScenarioResult, host: HostFacts) -> bool:
     """
     # Judged as the same run without its injected fault: QEMU's damage is what is asked about.
     probe_copy = dataclasses.replace(r, id=r.id.split("+inject-")[0], checks=list(r.checks))
-    known.classify([probe_copy], SIGNATURES, host.accel, host.qemu.version)
+    known.classify([probe_copy], SIGNATURES, host.accel, host.qemu.version)  # result's versions first
     return probe_copy.verdict == "known-issue"

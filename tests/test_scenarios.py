@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 
+from harness.scenario.binaries import plan_qemu
 from harness.scenario.engine import RunContext, run_variant
 from harness.scenario.faults import FAULTS
 from harness.scenario.result import ScenarioResult
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.qemu
 
 
 def run(ctx: RunContext, scenario: str, compression: str = "none", inject: str | None = None,
-        attempts: int = 3, rate: int = 8, **knobs) -> ScenarioResult:
+        attempts: int = 3, rate: int = 8, qemu: str | None = None, **knobs) -> ScenarioResult:
     # 4+ dirty syncs meet QEMU 7.2 TCG's lost-write bug (ci/known-issues.json), which the
     # harness reports as it should but which would make these tests of the harness flaky.
     # 8 MiB/s of L1 dirtying and a 5 s downtime-limit end most migrations after one live pass
@@ -34,8 +35,11 @@ def run(ctx: RunContext, scenario: str, compression: str = "none", inject: str |
     # (2-8 MiB/s); at 5 s, 1 of 3.
     knobs.setdefault("downtime_limit_ms", 5000)
     spec = replace(SCENARIOS[scenario], inject=inject, l1_rate_mib_s=rate)
+    mode = MigrationMode(compression, **knobs)
+    # Planned as a run plans it: the newest binary, or the newest with the mode (compress: 7.2).
+    plan = plan_qemu(mode, ctx.host, qemu)
     for _ in range(attempts):
-        r = run_variant(Variant(spec, MigrationMode(compression, **knobs)), ctx)
+        r = run_variant(Variant(spec, mode, qemu=plan), ctx)
         if not qemu_flaked(r, ctx.host):
             return r
     pytest.skip(f"QEMU broke the migration {attempts} times (reported as fail): {r.reason[:300]}")

@@ -98,7 +98,9 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     from harness.guest.image import build_l1, build_tools
     from harness.guest.kernel import find_kernel
     from harness.host.enlightenments import resolve_profile
-    from harness.host.probe import probe, warn_if_emulated
+    from harness.host.probe import warn_if_emulated
+    from harness.qemu.inventory import probe_host
+    from harness.scenario.binaries import plan_variants
     from harness.scenario.suite import apply_profile, expand
 
     if args.repeat is not None and args.repeat < 1:
@@ -109,25 +111,34 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     knobs = mode_knobs(args)
     # Everything the user typed is checked before anything starts.
     vdoc = matrix = variants = None
+    pinned = getattr(args, "src_qemu", None) or getattr(args, "dst_qemu", None)
     if args.variant_json:
         if (args.matrix or args.scenarios or args.compression or args.inject or args.profile
-                or args.hv):
+                or args.hv or pinned):
             raise UsageError("--variant-json runs one exact variant: no SCENARIO, --matrix, "
-                             "--compression, --inject, --profile or --hv")
+                             "--compression, --inject, --profile, --hv or --src/--dst-qemu")
         vdoc = load_variant_file(args.variant_json)
         variant = Variant.from_json(vdoc["variant"])
     elif args.matrix:
-        if args.scenarios or args.compression or args.profile or args.hv:
-            raise UsageError("--matrix sets scenarios, compression and profiles itself: "
-                             "drop SCENARIO/--compression/--profile/--hv")
+        if args.scenarios or args.compression or args.profile or args.hv or pinned:
+            raise UsageError("--matrix sets scenarios, compression, profiles and binaries itself: "
+                             "drop SCENARIO/--compression/--profile/--hv/--src-qemu/--dst-qemu "
+                             "(its axes qemu and dst_qemu name binaries)")
         matrix = load_matrix(args.matrix)
     else:
-        variants = expand(args.scenarios, args.compression, knobs, inject=args.inject)
+        variants = expand(args.scenarios, args.compression, knobs, inject=args.inject,
+                          guest_mode_retries=args.guest_mode_retries)
     sigs = [] if args.no_known_issues else known.load(args.known_issues or known.DEFAULT_FILE)
     image = L1Image.from_json(vdoc["image"]) if vdoc and vdoc.get("image") else None
     kernel = None if image else find_kernel(args.kernel, args.modules)
+    # Paths the run names join the inventory: the matrix's qemu axes, a replayed variant's own.
+    extra: list[str | None] = [getattr(args, "src_qemu", None), getattr(args, "dst_qemu", None)]
+    extra += matrix_paths(matrix) if matrix is not None else []
+    if vdoc is not None and variant.qemu is not None:
+        # Gone from this host: the engine skips it, saying which binary is missing.
+        extra += [p for p in (variant.qemu.src, variant.qemu.dst) if Path(p).exists()]
+    facts = probe_host(args.accel, getattr(args, "qemu", None), extra=extra)
     out = prepare_out(args.out)
-    facts = probe(args.accel)
     warn_if_emulated(facts)
     if vdoc and vdoc.get("qemu") and vdoc["qemu"].get("version") not in (None, facts.qemu.version):
         print(f"nestvirt: warning: variant ran on QEMU {vdoc['qemu']['version']}, this one is "
@@ -142,7 +153,9 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     else:
         profile = resolve_profile(args.profile, args.hv, l1_nested=facts.l1_nested,
                                   vendor=facts.vendor)
-        plan = plan_from_variants(apply_profile(variants or [], profile, l1_nested=facts.l1_nested,
+        planned = plan_variants(variants or [], facts, getattr(args, "src_qemu", None),
+                                getattr(args, "dst_qemu", None))
+        plan = plan_from_variants(apply_profile(planned, profile, l1_nested=facts.l1_nested,
                                                 vendor=facts.vendor), "suite", "command line")
     if image is None:
         assert kernel is not None
@@ -202,6 +215,14 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     if vdoc is not None and vdoc.get("original") and results:
         print(compare_failure(vdoc["original"], results[-1]))
     return exit_status(results)
+
+
+def matrix_paths(matrix: Any) -> list[str]:
+    """Binary paths a matrix's qemu / dst_qemu axes name (they join the inventory)."""
+    from harness.matrix.files import QEMU_AXES
+
+    return [v for block in matrix.blocks for k in QEMU_AXES for v in block.get(k, [])
+            if isinstance(v, str) and "/" in v]
 
 
 def make_jobs(plan: Plan, repeat: int, out: Path, host: dict[str, Any], image: dict[str, Any],
@@ -334,6 +355,8 @@ def add_commands(sub: Any) -> None:
     m.add_argument("--modules", help="module tree for --kernel")
     m.add_argument("--known-issues", type=Path, metavar="FILE")
     m.add_argument("--no-known-issues", action="store_true")
+    m.add_argument("--qemu", metavar="NAME|PATH",
+                   help="the binary of variants whose block names none (default: the newest)")
     rp = sub.add_parser("report", help="views of a results.json: console, --html, --tap, --junit")
     rp.add_argument("results", type=Path, metavar="RESULTS",
                     help="a results.json, or a directory of per-variant records to merge "
@@ -346,10 +369,10 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from harness.host.probe import probe
+    from harness.qemu.inventory import probe_host
 
     spec = load_matrix(args.file)
-    facts = probe(args.accel)
+    facts = probe_host(args.accel, args.qemu, extra=matrix_paths(spec))
     plan = expand_matrix(spec, facts)
     if args.avocado_recipe:
         from harness.guest.image import build_l1, build_tools

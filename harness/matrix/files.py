@@ -2,9 +2,12 @@
 
 A matrix file (ci/smoke.yaml, ci/nightly.yaml) holds blocks of axes; each block is a cartesian
 product. Expansion needs three facts of the probe, never more: the CPU vendor and L1's nesting
-kind (a profile the vendor cannot have) and the QEMU binary's migration schema (a mode this
-binary does not have). Those make a combination *invalid* here: it is pruned, listed with its
-reason, and never run. What the host merely cannot do today (TCG instead of KVM, a missing KVM
+kind (a profile the vendor cannot have) and the QEMU inventory (which binaries the axes
+``qemu`` / ``dst_qemu`` name, their migration schemas and machine types: a mode a named binary
+does not have, a pair with no common machine type, a name no binary has here). Those make a
+combination *invalid* here: it is pruned, listed with its reason, and never run. Without those
+axes a variant runs on the newest binary, or on the newest one that has its mode
+(harness/scenario/binaries.py). What the host merely cannot do today (TCG instead of KVM, a missing KVM
 cap) stays a variant and becomes a skip with the probe's reason when it runs.
 
 Also here: a variant's resource needs and its exact JSON form (for workers and repro.sh).
@@ -22,10 +25,12 @@ from typing import Any, Protocol
 
 from harness.core.errors import UsageError
 from harness.host.enlightenments import load_profiles, parse_hv_list, resolve_profile, vendor_problems
+from harness.host.probe import QemuFacts
+from harness.scenario.binaries import lacks, plan_qemu
 from harness.scenario.faults import INJECTIONS, get_fault
 from harness.scenario.spec import ScenarioSpec, Variant
 from harness.scenario.suite import SCENARIOS
-from harness.vm.migration import COMPRESSION_MODES, MigrationMode, QemuSchema
+from harness.vm.migration import COMPRESSION_MODES, MigrationMode
 
 FORMAT_KEY = "nestvirt_matrix"
 FORMAT_VERSION = 1
@@ -46,10 +51,15 @@ MODE_KNOBS: Mapping[str, tuple[str, ...]] = {
 # ScenarioSpec fields that size the guest and its workload.
 GUEST_FIELDS = ("mem_mib", "smp", "l1_mib", "l1_threads", "l1_rate_mib_s", "l2_pages")
 # Axis order = nesting order of the product (outermost first), so output reads by scenario.
-AXES = ("scenario", "profile", "hv", "guest", *GUEST_FIELDS, "compression", *MODE_KNOBS, "inject")
+# qemu / dst_qemu: binary selectors (a name from `nestvirt qemu`, newest, oldest, a version
+# such as "7.2", or a path); dst_qemu alone keeps the source on the newest binary.
+QEMU_AXES = ("qemu", "dst_qemu")
+AXES = ("scenario", *QEMU_AXES, "profile", "hv", "guest", *GUEST_FIELDS, "compression",
+        *MODE_KNOBS, "inject")
 _INT_AXES = frozenset({"channels", "threads", "decompress_threads", "level", "xbzrle_cache_mib",
                        "max_bandwidth_mib", "downtime_limit_ms", *GUEST_FIELDS})
-_STR_AXES = frozenset({"scenario", "profile", "hv", "compression", "transport", "inject"})
+_STR_AXES = frozenset({"scenario", "profile", "hv", "compression", "transport", "inject",
+                       *QEMU_AXES})
 _REQUIRED = ("scenario",)
 
 # QEMU's own memory beyond guest RAM under TCG (translation cache, device state, migration
@@ -63,9 +73,15 @@ class HostLike(Protocol):
 
     vendor: str
     l1_nested: str
+    qemu_pin: str
 
     @property
-    def qemu(self) -> QemuSchema: ...
+    def qemu(self) -> QemuFacts: ...
+
+    @property
+    def qemus(self) -> tuple[QemuFacts, ...]: ...
+
+    def binary(self, path: str) -> QemuFacts | None: ...
 
 
 @dataclass(frozen=True)
@@ -243,7 +259,8 @@ def _check_value(key: str, v: Any, where: str, profiles: set[str]) -> None:
             raise UsageError(f"{where}: wait_thread={v!r}: expected true or false")
         return
     if not isinstance(v, str):
-        raise UsageError(f"{where}: {key}={v!r}: expected a string")
+        hint = f" (quote it: '{v}')" if key in QEMU_AXES and isinstance(v, (int, float)) else ""
+        raise UsageError(f"{where}: {key}={v!r}: expected a string{hint}")
     choices: Iterable[str] | None = {"scenario": SCENARIOS, "compression": COMPRESSION_MODES,
                                      "inject": INJECTIONS, "profile": profiles,
                                      "transport": ("tcp", "unix")}.get(key)
@@ -314,8 +331,9 @@ def _build(combo: dict[str, Any], matrix: MatrixSpec,
     # The id of a combination that may not even build: spelled as Variant.id would spell it
     # (no "/none" profile; an hv list laid over its profile as resolve_profile labels it).
     label = f"{profile_name or 'none'}+{hv}" if hv else (profile_name or "none")
+    qemu_sel = {k: combo[k] for k in QEMU_AXES if combo.get(k) is not None}
     provisional = _id_text(f"{name}/{compression}" + ("" if label == "none" else f"/{label}"),
-                           spec, base, knobs)
+                           spec, base, knobs, qemu_sel)
 
     for ex in matrix.excludes:
         if all(_matches(combo.get(k), v) for k, v in ex["match"].items()):
@@ -330,7 +348,13 @@ def _build(combo: dict[str, Any], matrix: MatrixSpec,
         mode = MigrationMode(compression=compression, **knobs)
     except UsageError as e:
         return provisional, None, str(e)
-    schema = mode.unsupported_reason(host.qemu)
+    try:
+        plan = plan_qemu(mode, host, qemu_sel.get("qemu"), qemu_sel.get("dst_qemu"))
+    except UsageError as e:
+        return provisional, None, f"QEMU binaries: {e}"
+    src, dst = host.binary(plan.src), host.binary(plan.dst)
+    assert src is not None and dst is not None  # the plan was made from this inventory
+    schema = lacks(mode, plan, src, dst)
     if schema:
         return provisional, None, f"not in this QEMU binary: {schema}"
     try:
@@ -341,8 +365,11 @@ def _build(combo: dict[str, Any], matrix: MatrixSpec,
     vendor = vendor_problems(profile, host.vendor, host.l1_nested)
     if vendor:
         return provisional, None, f"profile {profile.name}: {'; '.join(vendor)}"
-    variant = Variant(spec, mode, profile)
-    vid = matrix_id(variant)
+    variant = Variant(spec, mode, profile, qemu=plan)
+    # A path names its binary badly in an id (most end in qemu-system-x86_64): its name does.
+    named = {k: (plan.src_name if k == "qemu" else plan.dst_name) if "/" in sel else sel
+             for k, sel in qemu_sel.items()}
+    vid = matrix_id(variant, named)
     reason = inject_reason(spec) or guest_reason(spec)
     return vid, variant, reason
 
@@ -387,22 +414,28 @@ def guest_reason(spec: ScenarioSpec) -> str | None:
     return None
 
 
-def matrix_id(v: Variant) -> str:
+def matrix_id(v: Variant, qemu_sel: Mapping[str, str] | None = None) -> str:
     """Variant.id plus "+knob=value" for every knob and guest size that differs from the
-    scenario's defaults ("migrate-nested/multifd-zstd+channels=8").
+    scenario's defaults ("migrate-nested/multifd-zstd+channels=8"), and the QEMU axes as
+    written ("+qemu=7.2+dst_qemu=10.0").
 
-    So two variants that differ only in channels or memory get different ids, and an id stays
-    the same whether a default was written out in the matrix or not. Never holds a comma.
+    So two variants that differ only in channels, memory or binaries get different ids, and an
+    id stays the same whether a default was written out in the matrix or not. Never holds a
+    comma.
     """
     base = SCENARIOS.get(v.spec.name, v.spec)
     default_mode = MigrationMode(compression=v.mode.compression)
     knobs = {f.name: getattr(v.mode, f.name) for f in fields(MigrationMode)
              if f.name != "compression" and getattr(v.mode, f.name) != getattr(default_mode, f.name)}
-    return _id_text(v.id, v.spec, base, knobs)
+    return _id_text(v.id, v.spec, base, knobs, qemu_sel or {})
 
 
-def _id_text(head: str, spec: ScenarioSpec, base: ScenarioSpec, knobs: Mapping[str, Any]) -> str:
-    parts = [f"{k}={_short(knobs[k])}" for k in MODE_KNOBS if k in knobs]
+def _id_text(head: str, spec: ScenarioSpec, base: ScenarioSpec, knobs: Mapping[str, Any],
+             qemu_sel: Mapping[str, str] | None = None) -> str:
+    # A path would make a poor id: its file name stands for it.
+    parts = [f"{k}={Path(sel).name if '/' in sel else sel}"
+             for k, sel in (qemu_sel or {}).items()]
+    parts += [f"{k}={_short(knobs[k])}" for k in MODE_KNOBS if k in knobs]
     parts += [f"{f}={getattr(spec, f)}" for f in GUEST_FIELDS
               if getattr(spec, f) != getattr(base, f)]
     inj = f"+inject-{spec.inject}" if spec.inject and "+inject-" not in head else ""

@@ -276,7 +276,7 @@ def execute_job(job: Job, budget: HostBudget | None = None) -> dict[str, Any]:
     if job.of > 1:
         res.metrics["attempt"] = {"n": job.attempt, "of": job.of}
     sigs = [known.Signature(**s) for s in job.signatures]
-    known.classify([res], sigs, ctx.accel, ctx.host.qemu.version)
+    known.classify([res], sigs, ctx.accel, ctx.host.qemu.version)  # the result's own versions first
     if res.verdict in BUNDLE_VERDICTS:
         write_bundle(res, job.variant, job.image, job.host)
     return write_record(job, res)

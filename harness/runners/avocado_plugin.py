@@ -66,11 +66,13 @@ if Resolver is not None:
             try:
                 from harness.guest.image import build_l1, build_tools
                 from harness.guest.kernel import find_kernel
-                from harness.host.probe import probe
+                from harness.matrix.batch import matrix_paths
+                from harness.qemu.inventory import probe_host
                 from harness.results import known
 
-                facts = probe("auto")
-                plan = expand_matrix(load_matrix(path), facts)
+                matrix = load_matrix(path)
+                facts = probe_host("auto", extra=matrix_paths(matrix))
+                plan = expand_matrix(matrix, facts)
                 image = build_l1(find_kernel(), build_tools())
                 recipes = runnables(plan, facts.to_json(), image.to_json(),
                                     signatures_json(known.load()))

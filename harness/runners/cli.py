@@ -18,7 +18,7 @@ from harness.results.record import link_latest, prepare_out, run_record
 from harness.scenario.engine import RunContext
 from harness.scenario.faults import INJECTIONS
 from harness.scenario.result import ScenarioResult
-from harness.scenario.spec import Variant
+from harness.scenario.spec import GUEST_MODE_RETRIES, Variant
 from harness.scenario.suite import SCENARIOS, SMOKE, apply_profile, expand
 from harness.vm.migration import COMPRESSION_MODES
 
@@ -34,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="probe this host and QEMU; print what runs here")
     d.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
     d.add_argument("--json", action="store_true")
+    _add_qemu_option(d)
+    q = sub.add_parser("qemu", help="the QEMU binaries nestvirt knows (list), or fetch QEMU 10",
+                       description="list: every QEMU binary nestvirt knows here (PATH, "
+                       "NESTVIRT_QEMU, --qemu, the config file, fetched ones) with what each "
+                       "offers; the newest is the default. fetch: Debian bookworm-backports' "
+                       "QEMU into the cache (private apt configuration, nothing installed), "
+                       "verified by starting it.")
+    q.add_argument("action", nargs="?", choices=("list", "fetch"), default="list")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--refresh", action="store_true",
+                   help="list: probe every binary again; fetch: download again")
+    _add_qemu_option(q)
     ls = sub.add_parser("list", help="list scenarios and the smoke suite")
     ls.add_argument("--json", action="store_true")
     r = sub.add_parser("run", help="run scenarios (default: the smoke suite)")
@@ -67,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report every failure as fail, known or not")
     r.add_argument("--inject", choices=INJECTIONS,
                    help="deliberately break the run to prove a check catches it")
+    _add_qemu_option(r)
+    r.add_argument("--src-qemu", metavar="NAME|PATH",
+                   help="the source's QEMU (default: --qemu, else the newest)")
+    r.add_argument("--dst-qemu", metavar="NAME|PATH",
+                   help="the destination's QEMU (default: the source's); a cross-version pair "
+                        "runs the newest machine type both have")
+    r.add_argument("--guest-mode-retries", type=int, default=GUEST_MODE_RETRIES, metavar="N",
+                   help="under TCG, cancel and retry a live nested switchover that would land "
+                        f"in guest mode up to N times (default {GUEST_MODE_RETRIES}; 0: report "
+                        "QEMU's refusal)")
     _add_vmexit_parser(sub)
     _add_selftest_parser(sub)
     # Matrix runs, parallel/repeated runs, replays (run options) and the matrix/report commands.
@@ -75,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(r)
     add_commands(sub)
     return p
+
+
+def _add_qemu_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--qemu", metavar="NAME|PATH",
+                   help="the QEMU to use (a name from `nestvirt qemu`, newest, oldest, a version "
+                        "such as 7.2, or a path); default: $NESTVIRT_QEMU, else the newest. "
+                        "Pinned: never swapped for another binary")
 
 
 def _add_vmexit_parser(sub: argparse._SubParsersAction) -> None:
@@ -94,6 +123,7 @@ def _add_vmexit_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--modules", help="module tree for --kernel (lib/modules/RELEASE)")
     v.add_argument("--out", type=Path, help="results directory (default results/<time>)")
     v.add_argument("--json", action="store_true", help="print results.json instead of a table")
+    _add_qemu_option(v)
 
 
 def _add_selftest_parser(sub: argparse._SubParsersAction) -> None:
@@ -126,13 +156,14 @@ def _add_selftest_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--list", action="store_true", help="list the built tests and stop")
     s.add_argument("--out", type=Path, help="results directory (default results/<time>)")
     s.add_argument("--json", action="store_true", help="print results.json instead of a table")
+    _add_qemu_option(s)
 
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         args = build_parser().parse_args(argv)
-        return {"doctor": cmd_doctor, "list": cmd_list, "run": cmd_run,
+        return {"doctor": cmd_doctor, "qemu": cmd_qemu, "list": cmd_list, "run": cmd_run,
                 "vmexit": cmd_vmexit, "selftest": cmd_selftest, "matrix": cmd_matrix,
                 "report": cmd_report}[args.cmd](args)
     except (UsageError, SetupError) as e:
@@ -150,10 +181,47 @@ def _sigterm(signum: int, frame: object) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from harness.host.probe import probe, render_table
+    from harness.host.probe import render_table
+    from harness.qemu.inventory import inventory_rows, probe_host
 
-    facts = probe(args.accel)
-    print(json.dumps(facts.to_json(), indent=2) if args.json else render_table(facts))
+    facts = probe_host(args.accel, args.qemu)
+    if args.json:
+        print(json.dumps(facts.to_json(), indent=2))
+    else:
+        print(render_table(facts))
+        print("\n".join(inventory_rows(facts)))
+    return 0
+
+
+def cmd_qemu(args: argparse.Namespace) -> int:
+    from harness.qemu.fetch import fetch
+    from harness.qemu.inventory import load_inventory, newest, render_inventory, select
+
+    if args.action == "fetch":
+        if args.qemu:
+            raise UsageError("qemu fetch takes no --qemu (it fetches Debian's)")
+        got = fetch(refresh=args.refresh)
+        if args.json:
+            print(json.dumps({"dir": str(got.dir), "package_version": got.package_version,
+                              "binary": got.binary, "module_dir": got.module_dir,
+                              "firmware_dirs": list(got.firmware_dirs), "fresh": got.fresh},
+                             indent=2))
+        else:
+            how = "fetched and verified" if got.fresh else "already in the cache"
+            print(f"QEMU {got.package_version}: {how}: {got.binary}")
+            for w in (got.verification.warnings if got.verification else ()):
+                print(f"  warning: {w}")
+        return 0
+    inv = load_inventory([args.qemu] if args.qemu and "/" in args.qemu else [],
+                         refresh=args.refresh)
+    default = select(inv.qemus, args.qemu) if args.qemu else newest(inv.qemus)
+    if args.json:
+        print(json.dumps({**inv.to_json(), "default": default.binary if default else None},
+                         indent=2))
+    else:
+        print(render_inventory(inv, default) if inv.qemus or inv.broken
+              else "no QEMU found: install qemu-system-x86, run `nestvirt qemu fetch`, or "
+                   "give --qemu PATH")
     return 0
 
 
@@ -201,19 +269,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.guest.image import build_l1, build_tools
     from harness.guest.kernel import find_kernel
     from harness.host.enlightenments import resolve_profile
-    from harness.host.probe import probe, warn_if_emulated
+    from harness.host.probe import warn_if_emulated
     from harness.matrix.batch import cmd_run_batch, mode_knobs, wants_batch
+    from harness.qemu.inventory import probe_host
     from harness.results.record import write_results
+    from harness.scenario.binaries import plan_variants
 
+    if args.guest_mode_retries < 0:
+        raise UsageError("--guest-mode-retries must be 0 or more")
     if wants_batch(args):
         return cmd_run_batch(args)
     knobs = mode_knobs(args)
     # Everything the user typed is checked before anything starts.
-    variants = expand(args.scenarios, args.compression, knobs, inject=args.inject)
+    variants = expand(args.scenarios, args.compression, knobs, inject=args.inject,
+                      guest_mode_retries=args.guest_mode_retries)
     sigs = [] if args.no_known_issues else known.load(args.known_issues or known.DEFAULT_FILE)
     kernel = find_kernel(args.kernel, args.modules)
+    facts = probe_host(args.accel, args.qemu, extra=(args.src_qemu, args.dst_qemu))
+    variants = plan_variants(variants, facts, args.src_qemu, args.dst_qemu)
     out = prepare_out(args.out)
-    facts = probe(args.accel)
     profile = resolve_profile(args.profile, args.hv, l1_nested=facts.l1_nested, vendor=facts.vendor)
     variants = apply_profile(variants, profile, l1_nested=facts.l1_nested, vendor=facts.vendor)
     warn_if_emulated(facts)
@@ -273,7 +347,8 @@ def cmd_vmexit(args: argparse.Namespace) -> int:
     from harness.guest.image import build_l1, build_tools
     from harness.guest.kernel import find_kernel
     from harness.host.enlightenments import dependency_problems, get_profile, parse_hv_list
-    from harness.host.probe import probe, warn_if_emulated
+    from harness.host.probe import warn_if_emulated
+    from harness.qemu.inventory import probe_host
     from harness.vmexit.plan import check_numbers, default_plan, plan_profiles
     from harness.vmexit.run import run_vmexit
 
@@ -287,8 +362,8 @@ def cmd_vmexit(args: argparse.Namespace) -> int:
         if problems:
             raise UsageError(f"enlightenments {hv}: " + "; ".join(problems))
     kernel = find_kernel(args.kernel, args.modules)
+    facts = probe_host(args.accel, args.qemu)
     out = prepare_out(args.out)
-    facts = probe(args.accel)
     profiles = plan_profiles(args.profile, args.hv, l1_nested=facts.l1_nested, vendor=facts.vendor)
     plan = default_plan(profiles, facts.accel, reports=args.reports, iters=args.iters,
                         repeat=args.repeat, migrate=not args.no_migrate)
@@ -310,7 +385,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from harness.guest.image import build_l1, build_tools
     from harness.guest.kernel import find_kernel
     from harness.host.enlightenments import resolve_profile
-    from harness.host.probe import probe, warn_if_emulated
+    from harness.host.probe import warn_if_emulated
+    from harness.qemu.inventory import probe_host
     from harness.results.record import exit_status, write_results
     from harness.results.views import junit_xml, tap
     from harness.selftests import run as st
@@ -333,8 +409,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         for t in map(build.get, names):
             print(f"{t.name:36} {'built' if t.ok else 'BUILD FAILED: ' + t.error}")
         return 0
+    facts = probe_host(args.accel, args.qemu)
     out = prepare_out(args.out)
-    facts = probe(args.accel)
     profile = resolve_profile(args.profile, None, l1_nested=facts.l1_nested, vendor=facts.vendor)
     timeout = args.timeout or build.timeout_s or st.DEFAULT_TIMEOUT_S
     plan = st.SelftestPlan(build, tuple(names), timeout, args.on, profile, args.mem, args.smp)

@@ -49,6 +49,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="results directory (default results/pytest-<time>)")
     g.addoption("--nestvirt-accel", default="auto", choices=("auto", "kvm", "tcg"))
     g.addoption("--nestvirt-kernel", metavar="PATH", help="L1 kernel image")
+    g.addoption("--nestvirt-qemu", metavar="NAME|PATH",
+                help="the QEMU of variants whose block names none (default: the newest)")
     g.addoption("--nestvirt-known-issues", metavar="FILE",
                 help="known-issue signatures (default ci/known-issues.json)")
     g.addoption("--nestvirt-no-known-issues", action="store_true",
@@ -115,11 +117,14 @@ class _NestvirtSession:
         worker = getattr(self.config, "workerinput", {}).get("workerid", "main")
         return self.out / worker
 
-    def facts(self) -> Any:
+    def facts(self, matrix: Any = None) -> Any:
         if self._facts is None:
-            from harness.host.probe import probe
+            from harness.matrix.batch import matrix_paths
+            from harness.qemu.inventory import probe_host
 
-            self._facts = probe(self.config.getoption("nestvirt_accel"))
+            self._facts = probe_host(self.config.getoption("nestvirt_accel"),
+                                     self.config.getoption("nestvirt_qemu"),
+                                     extra=matrix_paths(matrix) if matrix is not None else ())
         return self._facts
 
     def image(self) -> Any:
@@ -149,7 +154,8 @@ class MatrixFile(pytest.File):
     def collect(self) -> Any:
         run = self.config.stash[RUN_KEY]
         try:
-            plan = expand_matrix(load_matrix(self.path), run.facts())
+            matrix = load_matrix(self.path)
+            plan = expand_matrix(matrix, run.facts(matrix))
         except NestvirtError as e:
             raise self.CollectError(f"nestvirt: {e}") from e
         if not self.config.option.collectonly:  # --collect-only leaves no results dir behind

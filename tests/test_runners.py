@@ -159,11 +159,16 @@ def test_ctrl_c_on_a_parallel_run_reaps_every_qemu(tmp_path: Path):
     interrupt_when_booted(p, tmp_path, l1s=2, timeout=90)
 
 
-def test_until_fail_finds_qemu72_zlib_corruption_and_reports_its_rate(tmp_path: Path):
+def test_until_fail_finds_qemu72_zlib_corruption_and_reports_its_rate(tmp_path: Path, facts):
+    # The lost-write bug is TCG's before QEMU 9.0: pinned to such a binary (7.2 here), since
+    # the default one (10.0) does not have it.
+    old = [q for q in facts.qemus or (facts.qemu,) if q.version_tuple < (9, 0, 0)]
+    if not old:
+        pytest.skip("no QEMU before 9.0 here: the lost-write bug this finds is fixed in 9.0")
     attempts = 6
     cp = run([sys.executable, "-m", "harness", "run", "migrate-plain", "--compression",
-              "multifd-zlib", "--until-fail", "--repeat", str(attempts), "--out", str(tmp_path)],
-             timeout=900)
+              "multifd-zlib", "--until-fail", "--repeat", str(attempts), "--out", str(tmp_path),
+              "--qemu", old[0].binary], timeout=900)
     doc = json.loads((tmp_path / "results.json").read_text())
     (rate,) = doc["repeats"]
     if "until_fail" not in doc:

@@ -64,6 +64,8 @@ def test_nested_migration_passes_every_mode(ctx: RunContext, mode: str):
     elif mode == "compress":
         assert s["capabilities"]["compress"]
         assert any(k.startswith("compression_") for k in r.metrics["migration"])
+        # On a binary that has it: the newest one that does when the default lacks it.
+        assert r.params["qemu"]["src"]["has"]["legacy-compress"], r.params["qemu"]
     elif mode == "xbzrle":
         assert s["capabilities"]["xbzrle"]
     # Artefacts a person needs to reproduce: command lines, QMP transcript, logs.
@@ -89,6 +91,7 @@ def test_paused_identity_passes_then_catches_a_running_destination(ctx: RunConte
     good = run(ctx, "migrate-paused-identity", "multifd-zstd")
     assert good.verdict == "pass", good.reason
     assert good.metrics["ram"]["pages"] == 512 * 256
+    assert good.metrics["l2_quiesced"]["state"] == "paused"  # L1 stopped outside guest mode
     broken = run(ctx, "migrate-paused-identity", "none", inject="run-dst-before-compare")
     assert broken.verdict == "fail"
     assert not check(broken, "ram-identical").ok

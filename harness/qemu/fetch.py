@@ -63,7 +63,7 @@ def qemu_cache() -> Path:
 
 
 def fetched() -> list[Fetched]:
-    """Every complete fetched tree in the cache, oldest package version first (no network)."""
+    """Every complete fetched tree in the cache, in directory order (no network)."""
     found = []
     root = qemu_cache()
     if not root.is_dir():
@@ -79,16 +79,21 @@ def fetched() -> list[Fetched]:
 def fetch(refresh: bool = False, mirror: str | None = None) -> Fetched:
     """Get the newest QEMU of bookworm-backports into the cache and verify it.
 
-    Idempotent: a complete tree of the candidate version is reused (``refresh`` re-fetches).
+    Idempotent and offline once done: a complete tree in the cache is reused without asking the
+    network (``refresh`` asks for the newest candidate and downloads it if it is new, or again).
     SetupError (one line, exit 2 at the CLI) when apt is missing, the mirror cannot be reached,
     the packages are not there, or the unpacked tree fails its verification.
     """
-    for tool in ("apt-get", "apt-cache", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            raise SetupError(f"qemu fetch: {tool} not found: this host cannot fetch Debian's QEMU; "
-                             "give a QEMU with --qemu PATH (or list it in the inventory's config)")
     mirror = mirror or os.environ.get(MIRROR_ENV) or MIRROR
     with locked("qemu-fetch"):
+        have = fetched()
+        if have and not refresh:
+            return have[-1]
+        for tool in ("apt-get", "apt-cache", "dpkg-deb"):
+            if shutil.which(tool) is None:
+                raise SetupError(f"qemu fetch: {tool} not found: this host cannot fetch Debian's "
+                                 "QEMU; give a QEMU with --qemu PATH (or list it in the "
+                                 "inventory's config file)")
         apt = _private_apt(qemu_cache() / "apt", mirror)
         versions = _candidates(apt, mirror)
         version = versions[PACKAGES[0]]
@@ -115,8 +120,9 @@ def _private_apt(base: Path, mirror: str) -> dict[str, str]:
         "Dir::Etc::Trusted": "/etc/apt/trusted.gpg",
         "Dir::Etc::TrustedParts": "/etc/apt/trusted.gpg.d",
         "Dir::State": base / "state", "Dir::State::Lists": base / "lists",
-        # Read only: apt's cache build wants a status file; download resolves no dependency.
-        "Dir::State::status": "/var/lib/dpkg/status",
+        # Empty, not dpkg's: with the host's status, an installed qemu-system-x86 (7.2) would
+        # count as a candidate, and an unreachable mirror would "find" the system's version.
+        "Dir::State::status": base / "state" / "status",
         "Dir::Cache": base / "cache", "Dir::Cache::Archives": base / "cache" / "archives",
         "Dir::Cache::pkgcache": "", "Dir::Cache::srcpkgcache": "",
         "Debug::NoLocking": "true",
@@ -128,6 +134,7 @@ def _private_apt(base: Path, mirror: str) -> dict[str, str]:
         "Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled": "false",
         "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled": "false",
     }
+    (base / "state" / "status").touch()
     lines = [f'{k} "{v}";' for k, v in conf.items() if not (k == "APT::Sandbox::User" and not v)]
     (base / "apt.conf").write_text("\n".join(lines) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("APT_")}

@@ -164,7 +164,12 @@ def discover(given: Sequence[str] = ()) -> list[QemuInstall]:
     unique: dict[str, QemuInstall] = {}
     for inst in found:
         real = os.path.realpath(inst.binary)
-        unique.setdefault(real, replace(inst, binary=real))
+        first = unique.setdefault(real, replace(inst, binary=real))
+        if not (first.module_dir or first.firmware_dirs) and (inst.module_dir or inst.firmware_dirs):
+            # Named first by a path (NESTVIRT_QEMU=, --qemu) but known to need its own module
+            # and firmware dirs (a fetched tree, a config entry): started as those say.
+            unique[real] = replace(first, module_dir=inst.module_dir,
+                                   firmware_dirs=inst.firmware_dirs, name=first.name or inst.name)
     return list(unique.values())
 
 

@@ -42,6 +42,10 @@ def write_bundle(result: ScenarioResult, variant_json: Mapping[str, Any],
     workdir = Path(result.artifacts["dir"])
     workdir.mkdir(parents=True, exist_ok=True)
     qemu = host_json.get("qemu", {})
+    plan = variant_json.get("qemu") or {}
+    if plan:
+        # The variant's own source binary (its QemuPlan names both sides), not the run's.
+        qemu = {"binary": plan.get("src", ""), "version": plan.get("src_version", "")}
     doc = {
         "format": VARIANT_FORMAT,
         "id": result.id,

@@ -227,9 +227,15 @@ class _ScenarioRun:
                 self.dst.wait_exit(5.0)
             alive = self.dst.alive()
             console = self._console_new_lines()
-            self.res.checks.append(ck.dst_qemu_alive(
+            took = ck.dst_qemu_alive(
                 alive, outcome.dst_status if alive else None, expected, self.dst.error_lines(),
-                self.dst.returncode, console))
+                self.dst.returncode, console)
+            last = (self.res.metrics.get("switchover_attempts") or [{}])[-1]
+            if not took.ok and last.get("in_guest_mode"):
+                # Said beside QEMU's own line: where the stop landed explains the refusal.
+                took = replace(took, detail=f"{took.detail} (the stop landed in guest mode: "
+                                            f"{last.get('why')})")
+            self.res.checks.append(took)
             if not alive or outcome.status != "completed":
                 # Nothing left to ask: the guest checks fail at once instead of timing out.
                 why = ("destination QEMU is gone" if not alive

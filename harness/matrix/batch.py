@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from harness.results.record import (
 from harness.results.repro import compare_failure, load_variant_file
 from harness.results.views import tap, tap_name, view_paths, write_views
 from harness.scenario.result import ScenarioResult
-from harness.scenario.spec import Variant
+from harness.scenario.spec import GUEST_MODE_RETRIES, Variant
 
 # --until-fail without --repeat: how many attempts before calling a variant stable enough.
 UNTIL_FAIL_ATTEMPTS = 10
@@ -157,6 +158,10 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
                                 getattr(args, "dst_qemu", None))
         plan = plan_from_variants(apply_profile(planned, profile, l1_nested=facts.l1_nested,
                                                 vendor=facts.vendor), "suite", "command line")
+    if matrix is not None and args.guest_mode_retries != GUEST_MODE_RETRIES:
+        plan = replace(plan, variants=tuple(
+            replace(pv, variant=replace(pv.variant, guest_mode_retries=args.guest_mode_retries))
+            for pv in plan.variants))
     if image is None:
         assert kernel is not None
         image = build_l1(kernel, build_tools())

@@ -265,6 +265,16 @@ def render_html(doc: Mapping[str, Any], base_dir: Path | None = None) -> str:
         until_fail=doc.get("until_fail"), host=_host_lines(host), run=_run_lines(run, matrix))
 
 
+def qemu_versions(params: Mapping[str, Any]) -> str:
+    """The QEMU versions a result ran: "10.0.2", or "7.2.22>10.0.2" from source to destination
+    ("-" for a result that records none)."""
+    q = params.get("qemu") or {}
+    src, dst = ((q.get(side) or {}).get("version") or "" for side in ("src", "dst"))
+    if not src:
+        return "-"
+    return src if src == dst else f"{src}>{dst}"
+
+
 def _row(s: Mapping[str, Any], base_dir: Path | None) -> dict[str, Any]:
     m = s.get("metrics") or {}
     mig = m.get("migration") or {}
@@ -275,6 +285,7 @@ def _row(s: Mapping[str, Any], base_dir: Path | None) -> dict[str, Any]:
     return {
         "id": s.get("id", ""), "verdict": s.get("verdict", ""), "reason": s.get("reason", ""),
         "mode": ((s.get("params") or {}).get("migration") or {}).get("compression", ""),
+        "qemu": qemu_versions(s.get("params") or {}),
         "total": f"{(s.get('durations') or {}).get('total', 0):.1f}s",
         "migrate": f"{secs:.2f}s" if isinstance(secs, (int, float)) else "",
         "downtime": f"{mig['downtime_ms']} ms" if "downtime_ms" in mig else "",
@@ -304,6 +315,8 @@ def _host_lines(h: Mapping[str, Any]) -> list[tuple[str, str]]:
                                                  f"{h.get('vendor', '?')} / {h.get('l1_nested', '?')}"),
         ("host kernel", h.get("host_kernel", "?")),
         ("QEMU", f"{q.get('version', '?')} {q.get('binary', '')}"),
+        ("QEMU inventory", ", ".join(f"{x.get('version', '?')} ({x.get('origin', '?')})"
+                                     for x in h.get("qemus") or [])),
     ) if v]
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from harness.results.html import render_html
+from harness.results.html import qemu_versions, render_html
 from harness.results.record import load_results
 from harness.scenario.result import ScenarioResult
 
@@ -29,22 +29,13 @@ def verdict_counts(results: list[ScenarioResult]) -> str:
     return ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
 
 
-def qemu_label(r: ScenarioResult) -> str:
-    """The QEMU versions a result ran: "10.0.2", or "7.2.22>10.0.2" from source to destination."""
-    q = r.params.get("qemu") or {}
-    src, dst = (q.get(side, {}).get("version") or "" for side in ("src", "dst"))
-    if not src:
-        return "-"
-    return src if src == dst else f"{src}>{dst}"
-
-
 def console_table(results: list[ScenarioResult]) -> str:
     rows = [("SCENARIO", "VERDICT", "QEMU", "MIGRATE", "DOWNTIME", "TOTAL", "DETAIL")]
     for r in results:
         mig = r.metrics.get("migration", {})
         secs = r.metrics.get("migration_seconds")
         rows.append((
-            r.id, r.verdict.upper(), qemu_label(r),
+            r.id, r.verdict.upper(), qemu_versions(r.params),
             f"{secs:.2f}s" if isinstance(secs, (int, float)) else "-",
             f"{mig['downtime_ms']}ms" if "downtime_ms" in mig else "-",
             f"{r.durations.get('total', 0):.1f}s",

@@ -27,7 +27,7 @@ from harness.scenario.faults import At
 from harness.scenario.hv_checks import enlightenment_checks
 from harness.scenario.result import ScenarioResult, Timer, execute_guarded, finish
 from harness.scenario.spec import ScenarioSpec, Variant
-from harness.vm.guestmode import GuestModeState, SvmTrace
+from harness.vm.guestmode import SvmTrace
 from harness.vm.machine import Machine, MachineConfig, QmpCommandError
 from harness.vm.migration import MigrationOutcome, migrate, summarize_stats
 
@@ -286,7 +286,7 @@ class _ScenarioRun:
     def _switchover_decision(self, trace: SvmTrace, attempts: list[dict], n: int,
                              last: bool) -> Callable[[], bool]:
         def decide() -> bool:
-            state = self._guest_mode_at_stop(trace, n)
+            state = trace.read()  # at pre-switchover: the source's vCPU is stopped, it is final
             go = not state.in_guest_mode or last
             out_of = ("no retries left" if self.variant.guest_mode_retries
                       else "retries off")
@@ -299,10 +299,6 @@ class _ScenarioRun:
                 "why": state.describe()})
             return go
         return decide
-
-    def _guest_mode_at_stop(self, trace: SvmTrace, attempt: int) -> GuestModeState:
-        """Read at pre-switchover, with the source's vCPU stopped (so the count is final)."""
-        return trace.read()
 
     def _set_aside_dst(self, attempt: int) -> None:
         """End a cancelled attempt's destination and keep its files under attempt-N/."""

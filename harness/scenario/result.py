@@ -46,7 +46,8 @@ class ScenarioResult:
 
 
 class Timer:
-    """Wall time of each named phase of a run, into result.durations."""
+    """Wall time of each named phase of a run, into result.durations; a phase entered again
+    (a retried migration) adds to its time."""
 
     def __init__(self, result: ScenarioResult) -> None:
         self.result = result
@@ -57,7 +58,8 @@ class Timer:
         try:
             yield
         finally:
-            self.result.durations[name] = round(time.monotonic() - t0, 3)
+            took = time.monotonic() - t0 + self.result.durations.get(name, 0.0)
+            self.result.durations[name] = round(took, 3)
 
 
 class Steps(Protocol):

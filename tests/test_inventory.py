@@ -95,12 +95,19 @@ def test_default_is_the_newest_and_a_mode_it_lacks_runs_on_the_newest_that_has_i
     assert "compress is not in 10.0.2" in comp.why and "runs on 7.2.22" in comp.why
     old = h.qemus[1]
     assert lacks(MigrationMode("compress"), comp, old, old) is None
+    # Moved to a QEMU before 9.0 under TCG for its mode, not for its lost-write bug: L1 RAM
+    # off the dirty bitmap's word. Under KVM, or on the newest binary, RAM stays as specified.
+    assert comp.ram_extra_kib == 8 and "lost-write" in comp.why
+    assert zstd.ram_extra_kib == 0
+    assert plan_qemu(MigrationMode("compress"), replace(h, accel="kvm")).ram_extra_kib == 0
 
 
 def test_a_pinned_binary_is_never_swapped_and_its_skip_says_so():
     h = replace(two_binaries(), qemu_pin="--qemu 10.0")
     plan = plan_qemu(MigrationMode("compress"), h)
     assert plan.pinned and plan.src_version == "10.0.2"
+    named_old = plan_qemu(MigrationMode("compress"), h, "7.2")
+    assert named_old.src_version == "7.2.22" and named_old.ram_extra_kib == 0  # as it is
     why = lacks(MigrationMode("compress"), plan, h.qemu, h.qemu)
     assert why and "legacy compress is absent" in why and "not swapped" in why
 

@@ -120,7 +120,8 @@ def qemu_record(variant: Variant, ctx: RunContext) -> dict:
     plan = variant.qemu
     out: dict = {"machine": machine, "pinned": bool(plan and plan.pinned),
                  "why": plan.why if plan else "the run's binary",
-                 "cross_version": bool(plan and plan.cross_version)}
+                 "cross_version": bool(plan and plan.cross_version),
+                 "ram_extra_kib": plan.ram_extra_kib if plan else 0}
     for side, q, path in (("src", src, plan.src if plan else ctx.qemu),
                           ("dst", dst, plan.dst if plan else ctx.qemu)):
         out[side] = {"binary": path, "machine": machine,
@@ -175,6 +176,7 @@ class _ScenarioRun:
         src, dst = self.ctx.binaries(v)
         return launch_l1(self.ctx, name, self.workdir, self.key, cpu=self.ctx.l1_cpu(profile),
                          mem_mib=self.spec.mem_mib, smp=self.spec.smp, incoming=incoming,
+                         mem_extra_kib=v.qemu.ram_extra_kib if v.qemu else 0,
                          qemu=src if name == "src" else dst, machine=self.ctx.machine(v),
                          tcg_svm_log=tcg_svm_log)
 
@@ -485,7 +487,7 @@ class _ScenarioRun:
 
 
 def launch_l1(ctx: RunContext, name: str, workdir: Path, key: RunKey, *, cpu: str,
-              mem_mib: int = 512, smp: int = 1, incoming: bool = False,
+              mem_mib: int = 512, smp: int = 1, incoming: bool = False, mem_extra_kib: int = 0,
               qemu: QemuFacts | None = None, machine: str | None = None,
               tcg_svm_log: Path | None = None) -> Machine:
     """Start one L1 QEMU from the run's image (not waiting for boot); reap with shutdown().
@@ -495,7 +497,8 @@ def launch_l1(ctx: RunContext, name: str, workdir: Path, key: RunKey, *, cpu: st
     q = qemu or ctx.host.qemu
     cfg = MachineConfig(
         name=name, qemu=q.binary, accel=ctx.accel, cpu=cpu, kernel=ctx.image.kernel.image,
-        initrd=ctx.image.initramfs, mem_mib=mem_mib, smp=smp, incoming=incoming,
+        initrd=ctx.image.initramfs, mem_mib=mem_mib, mem_extra_kib=mem_extra_kib, smp=smp,
+        incoming=incoming,
         append=f"console=ttyS0 panic=-1 loglevel=6 {key.cmdline_arg}",
         machine=machine or machine_for(q), module_dir=q.module_dir,
         firmware_dirs=q.firmware_dirs, tcg_svm_log=tcg_svm_log)

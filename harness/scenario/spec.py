@@ -75,6 +75,9 @@ class QemuPlan:
     dst_name: str = ""
     pinned: bool = False  # named by the user (--qemu, --src-qemu, matrix axes): never swapped
     why: str = ""  # how the binaries were chosen, in a line
+    # L1 RAM beyond the spec's, on both sides: 8 KiB when a mode was moved to a QEMU before 9.0
+    # under TCG, whose lost-write bug lives in the word-aligned dirty-sync path (binaries.py).
+    ram_extra_kib: int = 0
 
     @property
     def cross_version(self) -> bool:

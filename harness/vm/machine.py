@@ -44,6 +44,7 @@ class MachineConfig:
     initrd: Path
     append: str
     mem_mib: int = 512
+    mem_extra_kib: int = 0  # RAM beyond mem_mib (a size off the dirty bitmap's 64-page word)
     smp: int = 1
     incoming: bool = False
     extra_args: tuple[str, ...] = ()
@@ -107,6 +108,7 @@ class Machine:
         c = self.config
         text = env.get_template("qemu-l1.j2").render(
             qemu=c.qemu, name=f"nestvirt-{c.name}", accel=c.accel, cpu=c.cpu, mem_mib=c.mem_mib,
+            mem_extra_kib=c.mem_extra_kib,
             smp=c.smp, kernel=c.kernel, initrd=c.initrd, append=c.append,
             console_log=self.console_log, events_log=self.events_log, ssh_port=self.ssh_port,
             qmp_socket=self.qmp_socket, incoming=c.incoming, extra_args=c.extra_args,

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ from harness.guest.image import L1Image, build_l1, build_tools
 from harness.guest.kernel import find_kernel
 from harness.host.probe import HostFacts
 from harness.qemu.inventory import probe_host
+from harness.remote import netns
+from harness.remote.sshd import DROPBEAR
+from harness.remote.testhosts import TestHosts
 from harness.results import known
 from harness.scenario.engine import RunContext
 from harness.scenario.result import ScenarioResult
@@ -38,6 +42,19 @@ def l1_image() -> L1Image:
 @pytest.fixture
 def ctx(facts: HostFacts, l1_image: L1Image, tmp_path: Path) -> RunContext:
     return RunContext(host=facts, image=l1_image, out=tmp_path)
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[TestHosts]:
+    """Hosts A and B as network namespaces, dropbear on B (harness/remote/testhosts.py);
+    fails the test if anything it started was still running inside them at the end."""
+    why = netns.available() or (None if Path(DROPBEAR).exists() else
+                                "dropbear-bin is not installed (/usr/sbin/dropbear)")
+    if why:
+        pytest.skip(why)
+    with TestHosts() as hosts:
+        yield hosts
+    assert not hosts.leftovers, f"left running inside the test hosts: {hosts.leftovers}"
 
 
 def qemu_children() -> list[str]:

@@ -17,7 +17,7 @@ HARNESS = Path(__file__).resolve().parent.parent / "harness"
 # Lowest floor first. A room may import its own floor and any floor below, never above.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("core",),
-    ("host",),
+    ("host", "remote"),
     ("qemu",),
     ("guest",),
     ("vm",),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
-from harness.core.errors import StepTimeout
+from harness.core.errors import NestvirtError, StepTimeout
 
 logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
@@ -41,12 +43,18 @@ class CommandResult:
 
 
 class L1Shell:
-    """An SSH session to one L1; every call is bounded by a timeout."""
+    """An SSH session to one L1; every call is bounded by a timeout.
 
-    def __init__(self, port: int, key: RunKey, host: str = "127.0.0.1") -> None:
+    `opener` makes the transport for each attempt (a tunnel through another host's SSH, for
+    an L1 whose QEMU runs there); without it, host:port is dialled directly.
+    """
+
+    def __init__(self, port: int, key: RunKey, host: str = "127.0.0.1",
+                 opener: Callable[[], Any] | None = None) -> None:
         self.port = port
         self.key = key
         self.host = host
+        self.opener = opener
         self._client: paramiko.SSHClient | None = None
 
     def connect(self, timeout: float = 30.0) -> float:
@@ -57,12 +65,13 @@ class L1Shell:
             client = paramiko.SSHClient()
             client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
             try:
+                sock = self.opener() if self.opener is not None else None
                 client.connect(self.host, port=self.port, username="root", pkey=self.key.private,
-                               timeout=5, banner_timeout=5, auth_timeout=5,
+                               timeout=5, banner_timeout=5, auth_timeout=5, sock=sock,
                                allow_agent=False, look_for_keys=False)
                 self._client = client
                 return time.monotonic() - t0
-            except (paramiko.SSHException, OSError, EOFError) as e:
+            except (paramiko.SSHException, OSError, EOFError, NestvirtError) as e:
                 last = f"{type(e).__name__}: {e}"
                 client.close()
                 time.sleep(0.1)

@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,14 @@ class Machine:
             self._sockdir = Path(tempfile.mkdtemp(prefix="nestvirt-"))
         return self._sockdir / f"{self.config.name}.qmp"
 
+    def qmp_spec(self) -> str:
+        """The -qmp argument: a unix socket in the private directory."""
+        return f"unix:{self.qmp_socket},server=on,wait=off"
+
+    def l1_ssh_opener(self) -> Callable[[], Any] | None:
+        """What L1Shell connects through (None: 127.0.0.1:ssh_port on this host)."""
+        return None
+
     @property
     def transcript_path(self) -> Path:
         return self.workdir / f"{self.config.name}-qmp.jsonl"
@@ -111,7 +120,7 @@ class Machine:
             mem_extra_kib=c.mem_extra_kib,
             smp=c.smp, kernel=c.kernel, initrd=c.initrd, append=c.append,
             console_log=self.console_log, events_log=self.events_log, ssh_port=self.ssh_port,
-            qmp_socket=self.qmp_socket, incoming=c.incoming, extra_args=c.extra_args,
+            qmp=self.qmp_spec(), incoming=c.incoming, extra_args=c.extra_args,
             machine=c.machine, firmware_dirs=c.firmware_dirs,
             tcg_log_args=TCG_SVM_LOG_ARGS if c.tcg_svm_log else (), tcg_svm_log=c.tcg_svm_log)
         return [line.strip() for line in text.splitlines() if line.strip()]

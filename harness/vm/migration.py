@@ -1,4 +1,5 @@
-"""Migration modes (compression on the wire) and one bounded src -> dst migration over QMP."""
+"""Migration modes (compression and encryption on the wire) and one bounded src -> dst
+migration over QMP: it ends in a terminal state, a timeout, or a stall the harness cancels."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Protocol
 
 from harness.core.errors import StepTimeout, UsageError
 from harness.vm.machine import Machine, QmpCommandError
+from harness.vm.tls import TLS_MODES, TlsCredentials
 
 COMPRESSION_MODES = ("none", "multifd-zlib", "multifd-zstd", "compress", "xbzrle")
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -22,7 +24,7 @@ RECORDED_PARAMS = (
     "xbzrle-cache-size", "max-bandwidth", "downtime-limit",
     # QEMU 9.0+: how zero pages are found (a machine type's compat default: pc-q35-7.2 on 10.0
     # gives "legacy", pc-q35-10.0 "multifd"); left as the machine type says.
-    "zero-page-detection",
+    "zero-page-detection", "tls-creds", "tls-hostname", "tls-authz",
 )
 # Thread names of migration, as -name ...,debug-threads=on shows them: 7.2 live_migration,
 # multifdsend_N, multifdrecv_N, compress, decompress; 10.0 mig/src/main, mig/src/send_N,
@@ -42,7 +44,8 @@ class QemuSchema(Protocol):
 
 @dataclass(frozen=True)
 class MigrationMode:
-    """How to migrate: compression mode and its knobs, mapped onto QEMU's names."""
+    """How to migrate: compression mode and its knobs, mapped onto QEMU's names, and whether
+    the stream is encrypted (tls: none, x509 or psk; credentials are made per run)."""
 
     compression: str = "none"
     channels: int = 2
@@ -54,8 +57,11 @@ class MigrationMode:
     transport: str = "tcp"
     max_bandwidth_mib: int = 0  # 0: effectively unlimited on loopback
     downtime_limit_ms: int | None = None  # None: QEMU's own default (300 ms)
+    tls: str = "none"
 
     def __post_init__(self) -> None:
+        if self.tls not in TLS_MODES:
+            raise UsageError(f"unknown TLS mode '{self.tls}' (choose from {', '.join(TLS_MODES)})")
         if self.compression not in COMPRESSION_MODES:
             raise UsageError(f"unknown compression mode '{self.compression}' "
                              f"(choose from {', '.join(COMPRESSION_MODES)})")
@@ -119,6 +125,10 @@ class MigrationMode:
         if self.codec and self.codec not in qemu.multifd_compression:
             return (f"this QEMU's multifd-compression offers "
                     f"{', '.join(sorted(qemu.multifd_compression))}, not {self.codec}")
+        need = {"x509": ("tls-creds", "tls-hostname", "tls-authz"), "psk": ("tls-creds",)}
+        for param in need.get(self.tls, ()):
+            if param not in qemu.migration_parameters:
+                return f"this QEMU's migration parameters lack '{param}' (needed for TLS {self.tls})"
         return None
 
     def to_json(self) -> dict:
@@ -143,18 +153,27 @@ class MigrationOutcome:
     dst_error: str | None = None
     switchover: str | None = None  # with before_switchover: "continued" or "cancelled"
     threads: dict[str, list[str]] = field(default_factory=dict)  # side -> migration threads seen
+    uri: str = ""
+    dst_lines: list[str] = field(default_factory=list)  # what dst's stderr gained meanwhile
+    cancel_ms: float | None = None  # stalled: migrate_cancel until the source said cancelled
+
+    @property
+    def dst_said(self) -> str | None:
+        """The destination's own line about this migration (only it says why authz refused)."""
+        return telling_line(self.dst_lines)
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 def configure(m: Machine, mode: MigrationMode, side: str,
-              extra_caps: Mapping[str, bool] | None = None) -> dict:
-    """Set capabilities and parameters on one side and read them back for the record."""
+              extra_caps: Mapping[str, bool] | None = None,
+              extra_params: Mapping[str, Any] | None = None) -> dict:
+    """Set capabilities and parameters (and extra ones: TLS) on one side; read them back."""
     caps = {**mode.capabilities(), **(extra_caps or {})}
     m.qmp("migrate-set-capabilities",
           capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
-    m.qmp("migrate-set-parameters", **mode.parameters(side))
+    m.qmp("migrate-set-parameters", **mode.parameters(side), **(extra_params or {}))
     got_caps = {c["capability"]: c["state"] for c in m.qmp("query-migrate-capabilities")}
     got_params = m.qmp("query-migrate-parameters")
     for k, v in caps.items():
@@ -166,9 +185,15 @@ def configure(m: Machine, mode: MigrationMode, side: str,
 
 def migrate(src: Machine, dst: Machine, mode: MigrationMode, uri: str,
             timeout: float = 120.0, on_started: Callable[[], None] | None = None,
-            before_switchover: Callable[[], bool] | None = None) -> MigrationOutcome:
-    """Run one migration to a terminal state (or timeout), then see whether dst took it.
+            before_switchover: Callable[[], bool] | None = None, *,
+            tls: TlsCredentials | None = None,
+            stall_timeout: float | None = None) -> MigrationOutcome:
+    """Run one migration to a terminal state (or timeout, or stall), then see whether dst took it.
 
+    A uri with port 0 ("tcp:ADDR:0") lets the destination's kernel pick the port (no race).
+    With tls, the destination was started with tls.dst_args(); the source's client
+    credentials are added here. With stall_timeout, a migration whose byte count has not moved
+    for that long is cancelled (TCP alone would retry for ~15 min on a dead link).
     on_started runs right after the source was told to migrate (where a fault can act).
     before_switchover: the source pauses before switchover (pause-before-switchover, with its
     vCPUs stopped) and this decides: True continues, False cancels (the source runs on, the
@@ -176,9 +201,18 @@ def migrate(src: Machine, dst: Machine, mode: MigrationMode, uri: str,
     """
     out = MigrationOutcome(status="setup")
     src_caps = {"pause-before-switchover": True} if before_switchover else None
-    out.settings = {"dst": configure(dst, mode, "dst"),
-                    "src": configure(src, mode, "src", extra_caps=src_caps)}
+    src_params: dict[str, Any] = {}
+    if tls is not None:
+        obj = tls.src_object()
+        src.qmp("object-add", **obj)
+        src_params = tls.src_params(obj["id"])
+    out.settings = {"dst": configure(dst, mode, "dst",
+                                     extra_params=tls.dst_params() if tls else None),
+                    "src": configure(src, mode, "src", extra_caps=src_caps,
+                                     extra_params=src_params)}
+    dst_seen = len(dst.error_lines())
     dst.qmp("migrate-incoming", uri=uri)
+    out.uri = uri = listening_uri(dst, uri)
     sampler = _ThreadSampler({"src": src, "dst": dst})
     t0 = time.monotonic()
     src.qmp("migrate", uri=uri)
@@ -186,9 +220,8 @@ def migrate(src: Machine, dst: Machine, mode: MigrationMode, uri: str,
         on_started()
     wanted = TERMINAL | ({"pre-switchover"} if before_switchover else set())
     try:
-        ev = src.wait_qmp_event({"MIGRATION"}, timeout,
-                                match=lambda e: e.get("data", {}).get("status") in wanted)
-        if ev.get("data", {}).get("status") == "pre-switchover" and before_switchover:
+        reached, why, ms = _wait_end(src, t0 + timeout, timeout, stall_timeout, wanted)
+        if reached == "pre-switchover" and before_switchover:
             go = before_switchover()
             out.switchover = "continued" if go else "cancelled"
             if go:
@@ -196,26 +229,42 @@ def migrate(src: Machine, dst: Machine, mode: MigrationMode, uri: str,
             else:
                 src.qmp("migrate_cancel")
             left = max(1.0, timeout - (time.monotonic() - t0))
-            src.wait_qmp_event({"MIGRATION"}, left,
-                               match=lambda e: e.get("data", {}).get("status") in TERMINAL)
-    except StepTimeout as e:
-        out.status, out.error = "timeout", str(e)
-        try:
-            src.qmp("migrate_cancel")
-        except QmpCommandError:
-            pass
+            reached, why, ms = _wait_end(src, time.monotonic() + left, left, stall_timeout,
+                                         TERMINAL)
+        if reached in ("timeout", "stalled"):
+            out.status, out.error, out.cancel_ms = reached, why, ms
     finally:
         out.threads = sampler.stop()
     out.seconds = round(time.monotonic() - t0, 3)
     try:
         info = src.qmp("query-migrate")
+        deadline = time.monotonic() + 2.0
+        while (info.get("status") == "completed" and not info.get("total-time")
+               and time.monotonic() < deadline):
+            # QEMU 7.2 sends 'completed' before it fills in total-time and downtime (0 until
+            # then, seen under load): ask again, briefly.
+            time.sleep(0.05)
+            info = src.qmp("query-migrate")
         out.stats = info
-        if out.status != "timeout":
+        if out.status not in ("timeout", "stalled"):
             out.status = info.get("status", "unknown")
         out.error = out.error or info.get("error-desc")
     except QmpCommandError as e:
         out.error = out.error or str(e)
-    out.dst_status, out.dst_error = destination_state(dst, timeout=15.0)
+    if out.status == "completed":
+        out.dst_status, out.dst_error = destination_state(dst, timeout=15.0)
+    elif out.status == "stalled":
+        # Nothing moved: the way to the destination is dead or it hangs. Asking it over QMP
+        # would hang as well; whether its process still lives is known without asking.
+        out.dst_status = "not asked (stalled)" if dst.alive() else "exited"
+    else:
+        # A refused handshake is told on the destination's stderr within ~0.2 s; waiting
+        # for it to leave 'inmigrate' would be waiting for nothing.
+        _wait_new_lines(dst, dst_seen, 2.0)
+        state, why = destination_state(dst, timeout=0.0, ask_timeout=2.0)
+        out.dst_status, out.dst_error = state, None if state == "inmigrate" else why
+    if out.status != "stalled":
+        out.dst_lines = dst.error_lines()[dst_seen:]
     return out
 
 
@@ -243,17 +292,95 @@ class _ThreadSampler:
         return {side: sorted(names) for side, names in self.seen.items()}
 
 
-def destination_state(dst: Machine, timeout: float) -> tuple[str, str | None]:
-    """Wait for dst to leave 'inmigrate'; return (run state, QEMU's own error line or None)."""
+def listening_uri(dst: Machine, uri: str) -> str:
+    """The uri with the port the destination really listens on (for "tcp:ADDR:0")."""
+    if not (uri.startswith("tcp:") and uri.endswith(":0")):
+        return uri
+    for sa in dst.qmp("query-migrate").get("socket-address", []):
+        if sa.get("type") == "inet" and sa.get("port") not in (None, "0"):
+            return f"{uri[:-2]}:{sa['port']}"
+    raise QmpCommandError("query-migrate", f"destination reports no listening port for {uri}")
+
+
+def progress_key(info: Mapping[str, Any]) -> tuple:
+    """What must change while a migration makes progress: status and bytes sent."""
+    ram = info.get("ram", {})
+    return (info.get("status"), ram.get("transferred"), ram.get("multifd-bytes"),
+            ram.get("dirty-sync-count"))
+
+
+def _wait_end(src: Machine, deadline: float, timeout: float, stall_timeout: float | None,
+              wanted: set[str]) -> tuple[str, str | None, float | None]:
+    """(status, None, None) once the source reported a status among `wanted`; else (status,
+    why, cancel ms) after the harness cancelled it: "timeout" past the deadline, "stalled"
+    when its byte count stood still for stall_timeout."""
+    last_key: tuple | None = None
+    last_move = time.monotonic()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            _cancel(src)
+            return "timeout", f"src: no terminal migration state in {timeout:g}s", None
+        try:
+            ev = src.wait_qmp_event({"MIGRATION"}, min(left, 0.5),
+                                    match=lambda e: e.get("data", {}).get("status") in wanted)
+            return ev["data"]["status"], None, None
+        except StepTimeout as e:
+            if not src.alive():
+                return "timeout", str(e), None
+        if stall_timeout is None:
+            continue
+        info = src.qmp("query-migrate")
+        key, now = progress_key(info), time.monotonic()
+        if key != last_key:
+            last_key, last_move = key, now
+        elif now - last_move >= stall_timeout:
+            sent = info.get("ram", {}).get("transferred", 0)
+            ms, final = _cancel(src)
+            return ("stalled", f"no progress for {stall_timeout:g}s ({info.get('status')}, "
+                    f"{sent} bytes sent): migrate_cancel -> {final} in {ms:.0f} ms", ms)
+
+
+def _cancel(src: Machine) -> tuple[float, str]:
+    """migrate_cancel, then wait (bounded) for the source to say so; (ms taken, final status)."""
+    t0 = time.monotonic()
+    try:
+        src.qmp("migrate_cancel")
+        ev = src.wait_qmp_event({"MIGRATION"}, 10.0,
+                                match=lambda e: e.get("data", {}).get("status") in TERMINAL)
+        final = ev["data"]["status"]
+    except (QmpCommandError, StepTimeout) as e:
+        final = f"unknown ({e})"
+    return (time.monotonic() - t0) * 1000, final
+
+
+def _wait_new_lines(dst: Machine, seen: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while dst.alive() and len(dst.error_lines()) <= seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def telling_line(lines: list[str]) -> str | None:
+    """The line that says most: the first naming TLS or authz, else the last; no prefix."""
+    if not lines:
+        return None
+    pick = next((x for x in lines if "TLS" in x or "authz" in x), lines[-1])
+    return pick.split(": ", 1)[1] if pick.startswith("qemu-system") and ": " in pick else pick
+
+
+def destination_state(dst: Machine, timeout: float,
+                      ask_timeout: float = 5.0) -> tuple[str, str | None]:
+    """Wait for dst to leave 'inmigrate'; return (run state, QEMU's own error line or None).
+    ask_timeout bounds each question (and the wait for an exit once QMP dropped)."""
     deadline = time.monotonic() + timeout
     while True:
         if not dst.alive():
             return "exited", dst.error_summary()
         try:
-            status = dst.qmp("query-status", timeout=5)["status"]
+            status = dst.qmp("query-status", timeout=ask_timeout)["status"]
         except QmpCommandError:
             # QMP drops first when QEMU is on its way out after a failed load: let it finish.
-            dst.wait_exit(5.0)
+            dst.wait_exit(ask_timeout)
             return ("exited", dst.error_summary()) if not dst.alive() else ("unknown", None)
         if status != "inmigrate":
             return status, None

@@ -120,3 +120,29 @@ def test_kernel_log_clean_names_the_first_bad_line():
             "[ 8.19] Call Trace:"]
     c = ck.kernel_log_clean(oops)
     assert not c.ok and "list_add corruption" in c.detail and "3 bad line(s)" in c.detail
+
+
+def test_migration_completed_names_the_destinations_own_line_on_failure():
+    bad = ck.migration_completed("failed", "Cannot write to TLS channel: Input/output error",
+                                 "plain", "TLS x509 authz check for O=nestvirt,CN=rogue is denied")
+    assert not bad.ok and "; destination: TLS x509 authz check for O=nestvirt,CN=rogue" in bad.detail
+    # A completed migration is not blamed on a line the destination printed anyway.
+    assert "destination" not in ck.migration_completed("completed", None, "plain", "warning").detail
+
+
+def test_source_intact_catches_a_stopped_source_a_broken_pattern_and_a_stalled_l2():
+    ok = {"ok": True, "pages": 16384}
+    assert ck.source_intact("running", ok, [10, 12, 15]).ok
+    assert ck.source_intact("running", False, None).ok  # nothing to verify but the run state
+    assert "run state paused" in ck.source_intact("paused", ok, None).detail
+    bad = ck.source_intact("running", {"ok": False, "pages": 16384, "bad_pages": 3}, None)
+    assert not bad.ok and "3 bad of 16384" in bad.detail
+    assert not ck.source_intact("running", None, None).ok  # the workload gave no report
+    assert "does not advance" in ck.source_intact("running", ok, [7, 7, 7]).detail
+    assert not ck.source_intact(None, None, None, error="SSH dropped").ok
+
+
+def test_retry_completed_catches_a_failed_retry():
+    assert ck.retry_completed("completed", None, 1.2).ok
+    bad = ck.retry_completed("failed", "Connection refused", 0.1)
+    assert not bad.ok and "Connection refused" in bad.detail

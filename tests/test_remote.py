@@ -30,7 +30,7 @@ def test_host_spec_parses_user_addr_port_and_round_trips():
     assert HostSpec.parse("qa@dst.example.org:2222").port == 2222
     assert HostSpec.from_json(s.to_json()) == s
     # What a result records of it: where, never a key's content.
-    assert set(s.to_json()) == {"user", "addr", "port", "key_file", "known_hosts", "qemu"}
+    assert set(s.to_json()) == {"user", "addr", "port", "key_file", "known_hosts"}
 
 
 @pytest.mark.parametrize("text,why", [

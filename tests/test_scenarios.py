@@ -8,6 +8,7 @@ outcome as "QEMU flaked", retry, and otherwise assert what the harness reported.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -100,19 +101,27 @@ def test_paused_identity_passes_then_catches_a_running_destination(ctx: RunConte
 
 
 # Every fault of the table, run on the scenario it names: a fault added there is tested here.
+# (Those that need a second host run in tests/test_two_hosts.py.)
 @pytest.mark.parametrize("inject,scenario,caught",
                          [(f.name, f.scenario, f.must_fail) for f in FAULTS.values()
-                          if f.scenario != "migrate-paused-identity"])
+                          if f.scenario != "migrate-paused-identity" and not f.needs_remote])
 def test_each_check_catches_its_broken_case(ctx: RunContext, inject: str, scenario: str, caught: str):
+    f = FAULTS[inject]
     r = run(ctx, scenario, "none", inject=inject,
-            attempts=1 if inject in ("kill-dst", "panic-dst") else 3)
+            attempts=1 if inject in ("kill-dst", "panic-dst") else 3, tls=f.needs_tls or "none")
     assert r.verdict == "fail", f"{inject} went unnoticed: {r.reason}"
     assert not check(r, caught).ok
+    if f.detail_re:
+        assert re.search(f.detail_re, check(r, caught).detail), check(r, caught).detail
     # The broken case is caught by its own check, not by collateral damage.
-    if inject != "cancel-migration":
+    if inject != "cancel-migration" and caught != "migration-completed":
         assert check(r, "migration-completed").ok
+    if caught == "migration-completed" and inject != "cancel-migration":
+        # A migration that failed must leave the source running and its workload intact.
+        assert check(r, "source-intact").ok, check(r, "source-intact").detail
     if inject not in ("kill-dst", "ssh-down", "cancel-migration", "freeze-dst", "panic-dst"):
-        others = [c.name for c in r.checks if not c.ok and c.name != caught]
+        others = [c.name for c in r.checks
+                  if not c.ok and c.name != caught and c.name not in f.also_fails]
         assert not others, others
     if inject == "panic-dst":
         # QEMU ended with 0 and no stderr: only L1's console can say why, and both checks do.

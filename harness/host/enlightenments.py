@@ -129,6 +129,15 @@ class Profile:
                 vmx_only=tuple(d.get("vmx_only", ())),
                 kvm_signature=bool(d.get("kvm_signature", True)),
                 description=str(d.get("description", "")), notes=tuple(d.get("notes", ())))
+        # Every name reaches QEMU's -cpu option: only known hv-* flags and values, so a
+        # variant file cannot smuggle in other -cpu properties ("hv-relaxed,pmu=off").
+        for item in (*p.flags, *p.vmx_only, *(f"{n}={v}" for n, v in p.values)):
+            try:
+                if "," in item or ("=" not in item and item not in KNOWN_FLAGS):
+                    raise UsageError(f"{item!r} is not one hv-* flag")
+                _parse_items(item)
+            except UsageError as e:
+                raise UsageError(f"profile {p.name} in variant file: {e}") from None
         problems = dependency_problems(p)
         if problems:
             raise UsageError(f"profile {p.name} in variant file: {'; '.join(problems)}")

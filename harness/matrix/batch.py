@@ -80,7 +80,45 @@ def mode_knobs(args: argparse.Namespace) -> dict[str, Any]:
             "decompress_threads": args.decompress_threads, "level": args.level,
             "wait_thread": args.wait_thread == "on", "xbzrle_cache_mib": args.xbzrle_cache_mib,
             "transport": args.transport, "downtime_limit_ms": args.downtime_limit_ms,
-            "max_bandwidth_mib": args.max_bandwidth_mib}
+            "max_bandwidth_mib": args.max_bandwidth_mib, "tls": args.tls}
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Where destinations start and how long a still migration may stand, checked:
+    {"dst_host": HostSpec | None, "stall_timeout": seconds}."""
+    from harness.remote.ssh import HostSpec
+
+    stall = getattr(args, "stall_timeout", 15.0)
+    if stall is not None and stall <= 0:
+        raise UsageError(f"--stall-timeout {stall:g}: must be more than 0 seconds")
+    dst = None
+    if getattr(args, "dst_host", None):
+        for opt, path in (("--dst-key", args.dst_key), ("--dst-known-hosts", args.dst_known_hosts)):
+            if path is not None and not Path(path).is_file():
+                raise UsageError(f"{opt} {path}: no such file")
+        dst = HostSpec.parse(args.dst_host, key_file=args.dst_key,
+                             known_hosts=args.dst_known_hosts)
+        if args.transport == "unix":
+            raise UsageError("--transport unix cannot cross hosts: drop it with --dst-host")
+    elif any(getattr(args, o, None) for o in ("dst_key", "dst_known_hosts")):
+        raise UsageError("--dst-key and --dst-known-hosts go with --dst-host")
+    return {"dst_host": dst, "stall_timeout": stall}
+
+
+def check_injects(variants: Iterable[Variant], dst_host: Any, parallel: int = 1) -> None:
+    """A deliberate fault this run cannot show is bad input, said before anything starts."""
+    from harness.scenario.faults import FAULTS
+
+    for v in variants:
+        fault = FAULTS.get(v.spec.inject or "")
+        if fault is None:
+            continue
+        why = fault.unfit(v.mode.tls, dst_host is not None)
+        if why:
+            raise UsageError(why)
+        if fault.needs_remote and parallel > 1:
+            raise UsageError(f"inject {fault.name} acts on the link every parallel variant uses: "
+                             "run it with -j 1")
 
 
 def wants_batch(args: argparse.Namespace) -> bool:
@@ -110,6 +148,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         raise UsageError("-j must be 0 (as many as fit) or a positive number")
     repeat = args.repeat or (UNTIL_FAIL_ATTEMPTS if args.until_fail else 1)
     knobs = mode_knobs(args)
+    opts = run_options(args)
     # Everything the user typed is checked before anything starts.
     vdoc = matrix = variants = None
     pinned = getattr(args, "src_qemu", None) or getattr(args, "dst_qemu", None)
@@ -162,12 +201,16 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         plan = replace(plan, variants=tuple(
             replace(pv, variant=replace(pv.variant, guest_mode_retries=args.guest_mode_retries))
             for pv in plan.variants))
+    budget = HostBudget()
+    parallel = args.jobs if args.jobs else (budget.cpus if args.jobs == 0 else 1)
+    check_injects((pv.variant for pv in plan.variants), opts["dst_host"], parallel)
     if image is None:
         assert kernel is not None
         image = build_l1(kernel, build_tools())
-    budget = HostBudget()
-    parallel = args.jobs if args.jobs else (budget.cpus if args.jobs == 0 else 1)
-    jobs = make_jobs(plan, repeat, out, facts.to_json(), image.to_json(), signatures_json(sigs))
+    dst = opts["dst_host"]
+    jobs = make_jobs(plan, repeat, out, facts.to_json(), image.to_json(), signatures_json(sigs),
+                     run={"dst_host": dst.to_json() if dst else None,
+                          "stall_timeout": opts["stall_timeout"]})
     run_info = run_record(out, image=image.to_json(), jobs=parallel, repeat=repeat,
                           until_fail=args.until_fail,
                           budget={"cpus": budget.cpus, "mem_reserve_mib": budget.mem_reserve_mib})
@@ -231,7 +274,8 @@ def matrix_paths(matrix: Any) -> list[str]:
 
 
 def make_jobs(plan: Plan, repeat: int, out: Path, host: dict[str, Any], image: dict[str, Any],
-              signatures: Iterable[dict[str, Any]]) -> list[Job]:
+              signatures: Iterable[dict[str, Any]],
+              run: Mapping[str, Any] | None = None) -> list[Job]:
     """Attempt-major order (every variant once, then again), so --until-fail spreads its tries
     across variants and a run cut short still covers each one."""
     jobs = []
@@ -242,7 +286,7 @@ def make_jobs(plan: Plan, repeat: int, out: Path, host: dict[str, Any], image: d
             jobs.append(Job(index=pv.index, attempt=attempt, id=jid,
                             variant=pv.variant.to_json(),
                             out=str(job_out(out, jid, pv.variant.id)), host=host, image=image,
-                            needs=pv.needs, signatures=sigs, of=repeat))
+                            needs=pv.needs, signatures=sigs, of=repeat, run=dict(run or {})))
     return jobs
 
 

@@ -31,6 +31,7 @@ from harness.scenario.faults import INJECTIONS, get_fault
 from harness.scenario.spec import ScenarioSpec, Variant
 from harness.scenario.suite import SCENARIOS
 from harness.vm.migration import COMPRESSION_MODES, MigrationMode
+from harness.vm.tls import TLS_MODES
 
 FORMAT_KEY = "nestvirt_matrix"
 FORMAT_VERSION = 1
@@ -47,6 +48,7 @@ MODE_KNOBS: Mapping[str, tuple[str, ...]] = {
     "transport": COMPRESSION_MODES,
     "max_bandwidth_mib": COMPRESSION_MODES,
     "downtime_limit_ms": COMPRESSION_MODES,
+    "tls": COMPRESSION_MODES,
 }
 # ScenarioSpec fields that size the guest and its workload.
 GUEST_FIELDS = ("mem_mib", "smp", "l1_mib", "l1_threads", "l1_rate_mib_s", "l2_pages")
@@ -58,7 +60,7 @@ AXES = ("scenario", *QEMU_AXES, "profile", "hv", "guest", *GUEST_FIELDS, "compre
         *MODE_KNOBS, "inject")
 _INT_AXES = frozenset({"channels", "threads", "decompress_threads", "level", "xbzrle_cache_mib",
                        "max_bandwidth_mib", "downtime_limit_ms", *GUEST_FIELDS})
-_STR_AXES = frozenset({"scenario", "profile", "hv", "compression", "transport", "inject",
+_STR_AXES = frozenset({"scenario", "profile", "hv", "compression", "transport", "inject", "tls",
                        *QEMU_AXES})
 _REQUIRED = ("scenario",)
 
@@ -263,7 +265,7 @@ def _check_value(key: str, v: Any, where: str, profiles: set[str]) -> None:
         raise UsageError(f"{where}: {key}={v!r}: expected a string{hint}")
     choices: Iterable[str] | None = {"scenario": SCENARIOS, "compression": COMPRESSION_MODES,
                                      "inject": INJECTIONS, "profile": profiles,
-                                     "transport": ("tcp", "unix")}.get(key)
+                                     "transport": ("tcp", "unix"), "tls": TLS_MODES}.get(key)
     if choices is not None and v not in choices:
         close = difflib.get_close_matches(v, list(choices), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -332,8 +334,9 @@ def _build(combo: dict[str, Any], matrix: MatrixSpec,
     # (no "/none" profile; an hv list laid over its profile as resolve_profile labels it).
     label = f"{profile_name or 'none'}+{hv}" if hv else (profile_name or "none")
     qemu_sel = {k: combo[k] for k in QEMU_AXES if combo.get(k) is not None}
-    provisional = _id_text(f"{name}/{compression}" + ("" if label == "none" else f"/{label}"),
-                           spec, base, knobs, qemu_sel)
+    tls = f"+tls={knobs['tls']}" if knobs.get("tls", "none") != "none" else ""
+    provisional = _id_text(f"{name}/{compression}" + ("" if label == "none" else f"/{label}")
+                           + tls, spec, base, knobs, qemu_sel)
 
     for ex in matrix.excludes:
         if all(_matches(combo.get(k), v) for k, v in ex["match"].items()):
@@ -370,7 +373,8 @@ def _build(combo: dict[str, Any], matrix: MatrixSpec,
     named = {k: (plan.src_name if k == "qemu" else plan.dst_name) if "/" in sel else sel
              for k, sel in qemu_sel.items()}
     vid = matrix_id(variant, named)
-    reason = inject_reason(spec) or guest_reason(spec)
+    fault_tls = get_fault(spec.inject).unfit(mode.tls, remote=True) if spec.inject else None
+    reason = inject_reason(spec) or fault_tls or guest_reason(spec)
     return vid, variant, reason
 
 
@@ -435,7 +439,8 @@ def _id_text(head: str, spec: ScenarioSpec, base: ScenarioSpec, knobs: Mapping[s
     # A path would make a poor id: its file name stands for it.
     parts = [f"{k}={Path(sel).name if '/' in sel else sel}"
              for k, sel in (qemu_sel or {}).items()]
-    parts += [f"{k}={_short(knobs[k])}" for k in MODE_KNOBS if k in knobs]
+    # tls is in Variant.id already ("+tls=x509"), never twice.
+    parts += [f"{k}={_short(knobs[k])}" for k in MODE_KNOBS if k in knobs and k != "tls"]
     parts += [f"{f}={getattr(spec, f)}" for f in GUEST_FIELDS
               if getattr(spec, f) != getattr(base, f)]
     inj = f"+inject-{spec.inject}" if spec.inject and "+inject-" not in head else ""

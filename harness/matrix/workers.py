@@ -34,6 +34,7 @@ from harness.guest.image import L1Image
 from harness.host.probe import HostFacts
 from harness.matrix.engines import runner_for
 from harness.matrix.files import Resources
+from harness.remote.ssh import HostSpec
 from harness.results import known
 from harness.results.repro import BUNDLE_VERDICTS, write_bundle
 from harness.scenario.engine import RunContext, run_variant
@@ -203,6 +204,8 @@ class Job:
     needs: Resources
     signatures: tuple[dict[str, Any], ...] = ()
     of: int = 1  # attempts planned for this variant
+    # Options every job of the run shares: "dst_host" (HostSpec.to_json), "stall_timeout".
+    run: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -232,8 +235,10 @@ def signatures_json(sigs: list[known.Signature]) -> tuple[dict[str, Any], ...]:
 
 
 def context(job: Job) -> RunContext:
+    dst = job.run.get("dst_host")
     return RunContext(host=HostFacts.from_json(job.host), image=L1Image.from_json(job.image),
-                      out=Path(job.out))
+                      out=Path(job.out), dst_host=HostSpec.from_json(dst) if dst else None,
+                      stall_timeout=job.run.get("stall_timeout", 15.0))
 
 
 def skip_reason(job: Job, budget: HostBudget | None) -> str | None:

@@ -47,8 +47,7 @@ class HostSpec:
     """How to reach a host: user@addr:port with a key file (or the agent and ~/.ssh keys when
     none is given) and the known_hosts file that must hold its host key. No password, ever.
 
-    ``qemu`` is the QEMU binary on that host. What is recorded in results is ``label`` and
-    the paths, never a key's content.
+    What is recorded in results is ``label`` and the paths, never a key's content.
     """
 
     user: str
@@ -56,7 +55,6 @@ class HostSpec:
     port: int = 22
     key_file: str | None = None
     known_hosts: str | None = None
-    qemu: str = "qemu-system-x86_64"
 
     def __post_init__(self) -> None:
         if not _USER.fullmatch(self.user):
@@ -65,8 +63,6 @@ class HostSpec:
             raise UsageError(f"--dst-host: {self.addr!r} is not a host name or IPv4 address")
         if not 1 <= self.port <= 65535:
             raise UsageError(f"--dst-host: port {self.port} is not in 1..65535")
-        if not self.qemu or any(c.isspace() for c in self.qemu):
-            raise UsageError(f"--dst-qemu {self.qemu!r}: one path, no spaces")
 
     @classmethod
     def parse(cls, text: str, **kw: Any) -> HostSpec:

@@ -59,7 +59,10 @@ def prepare_out(out: Path | None) -> Path:
     """The run's results directory (default results/<time>), created and proven writable."""
     out = out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
     try:
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
+        if created:
+            out.chmod(0o700)  # variants' dirs below hold SSH and TLS keys
         probe_file = out / ".writable"
         probe_file.write_text("")
         probe_file.unlink()

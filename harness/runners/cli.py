@@ -21,6 +21,7 @@ from harness.scenario.result import ScenarioResult
 from harness.scenario.spec import GUEST_MODE_RETRIES, Variant
 from harness.scenario.suite import SCENARIOS, SMOKE, apply_profile, expand
 from harness.vm.migration import COMPRESSION_MODES
+from harness.vm.tls import TLS_MODES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,6 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under TCG, cancel and retry a live nested switchover that would land "
                         f"in guest mode up to N times (default {GUEST_MODE_RETRIES}; 0: report "
                         "QEMU's refusal)")
+    r.add_argument("--tls", choices=TLS_MODES, default="none",
+                   help="encrypt the migration: x509 (a CA, server and client certificates made "
+                        "per run with certtool; verify-peer and an authz on the destination) or "
+                        "psk (a pre-shared key made per run)")
+    r.add_argument("--dst-host", metavar="USER@ADDR[:PORT]",
+                   help="start each destination QEMU on this host over SSH (key only; its host "
+                        "key must be in known_hosts), at the same path as --dst-qemu's here; "
+                        "the migration goes to ADDR")
+    r.add_argument("--dst-key", metavar="FILE",
+                   help="private key for --dst-host (default: ssh-agent, then ~/.ssh keys)")
+    r.add_argument("--dst-known-hosts", metavar="FILE",
+                   help="known_hosts file with --dst-host's key (default ~/.ssh/known_hosts)")
+    r.add_argument("--stall-timeout", type=float, default=15.0, metavar="S",
+                   help="cancel a migration whose byte count has not moved for S seconds "
+                        "(default 15; on a dead link TCP alone retries for ~15 min)")
     _add_vmexit_parser(sub)
     _add_selftest_parser(sub)
     # Matrix runs, parallel/repeated runs, replays (run options) and the matrix/report commands.
@@ -270,7 +286,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.guest.kernel import find_kernel
     from harness.host.enlightenments import resolve_profile
     from harness.host.probe import warn_if_emulated
-    from harness.matrix.batch import cmd_run_batch, mode_knobs, wants_batch
+    from harness.matrix.batch import (
+        check_injects,
+        cmd_run_batch,
+        mode_knobs,
+        run_options,
+        wants_batch,
+    )
     from harness.qemu.inventory import probe_host
     from harness.results.record import write_results
     from harness.scenario.binaries import plan_variants
@@ -281,8 +303,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return cmd_run_batch(args)
     knobs = mode_knobs(args)
     # Everything the user typed is checked before anything starts.
+    opts = run_options(args)
     variants = expand(args.scenarios, args.compression, knobs, inject=args.inject,
                       guest_mode_retries=args.guest_mode_retries)
+    check_injects(variants, opts["dst_host"])
     sigs = [] if args.no_known_issues else known.load(args.known_issues or known.DEFAULT_FILE)
     kernel = find_kernel(args.kernel, args.modules)
     facts = probe_host(args.accel, args.qemu, extra=(args.src_qemu, args.dst_qemu))
@@ -293,8 +317,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     warn_if_emulated(facts)
     tools = build_tools()
     image = build_l1(kernel, tools)
-    ctx = RunContext(host=facts, image=image, out=out)
+    ctx = RunContext(host=facts, image=image, out=out, dst_host=opts["dst_host"],
+                     stall_timeout=opts["stall_timeout"])
     run_info = run_record(out, image=image.to_json())
+    if opts["dst_host"] is not None:
+        run_info["dst_host"] = opts["dst_host"].label
     results: list[ScenarioResult] = []
     t0 = time.monotonic()
     try:

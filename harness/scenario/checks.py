@@ -23,11 +23,48 @@ class Check:
         return asdict(self)
 
 
-def migration_completed(status: str, error: str | None, state: str) -> Check:
-    """The source says completed. Necessary, never sufficient: the rest judge the destination."""
+def migration_completed(status: str, error: str | None, state: str,
+                        dst_said: str | None = None) -> Check:
+    """The source says completed. Necessary, never sufficient: the rest judge the destination.
+
+    dst_said is the destination's own line on a failure (a TLS authz refusal is told only
+    there; the source sees a bare I/O error).
+    """
     ok = status == "completed"
-    detail = f"source status {status}" + (f": {error}" if error else "") + f" (nested state: {state})"
-    return Check("migration-completed", ok, detail)
+    detail = f"source status {status}" + (f": {error}" if error else "")
+    if dst_said and not ok:
+        detail += f"; destination: {dst_said}"
+    return Check("migration-completed", ok, detail + f" (nested state: {state})")
+
+
+def source_intact(run_state: str | None, workload: dict[str, Any] | None | bool,
+                  l2: list[int] | None, error: str | None = None) -> Check:
+    """After a migration that did not complete, the source still runs and verifies: its run
+    state is 'running', its L1 workload's own report says ok (False: no workload runs; None:
+    no report came), L2 still advances (None: no L2). error: the source stopped answering
+    while this was judged."""
+    if error:
+        return Check("source-intact", False, f"source stopped answering: {error}")
+    if run_state != "running":
+        return Check("source-intact", False, f"source run state {run_state}, expected running")
+    parts = ["source running"]
+    if workload is not False:
+        w = pattern_verified("l1-workload-pattern", workload or None, "L1 workload")
+        if not w.ok:
+            return Check("source-intact", False, f"on the source: {w.detail}")
+        parts.append(w.detail)
+    if l2 is not None:
+        if len(l2) < 2 or l2[-1] <= l2[0]:
+            return Check("source-intact", False, f"L2 on the source does not advance: {l2}")
+        parts.append(f"L2 pass {l2[0]}..{l2[-1]}")
+    return Check("source-intact", True, "; ".join(parts))
+
+
+def retry_completed(status: str, error: str | None, seconds: float) -> Check:
+    """The same source migrated again, to a new destination, once the fault was undone."""
+    ok = status == "completed"
+    detail = f"retry to a new destination: {status}" + (f": {error}" if error else "")
+    return Check("retry-completed", ok, detail + f" in {seconds:.1f}s")
 
 
 def dst_qemu_alive(alive: bool, run_state: str | None, expected: str, error_lines: list[str],

@@ -5,6 +5,7 @@ faults and checks. Runners (CLI, pytest, avocado) call run_variant() and read th
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import time
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from harness.core.errors import StepTimeout
+from harness.core.errors import NestvirtError, StepTimeout
 from harness.core.ports import free_port
 from harness.guest.image import GUEST_TOOLS, L1Image
 from harness.guest.l1 import L1Shell, RunKey
@@ -20,9 +21,11 @@ from harness.host.enlightenments import Profile, host_support, qemu_cpu_suffix, 
 from harness.host.hvcpuid import supported_hv_flags
 from harness.host.probe import HostFacts, QemuFacts
 from harness.qemu.inventory import machine_for
+from harness.remote.ssh import HostSpec
 from harness.scenario import checks as ck
 from harness.scenario import faults
 from harness.scenario.binaries import lacks
+from harness.scenario.destination import Destination, unfit_reason, where_am_i
 from harness.scenario.faults import At
 from harness.scenario.hv_checks import enlightenment_checks
 from harness.scenario.result import ScenarioResult, Timer, execute_guarded, finish
@@ -30,18 +33,25 @@ from harness.scenario.spec import ScenarioSpec, Variant
 from harness.vm.guestmode import SvmTrace
 from harness.vm.machine import Machine, MachineConfig, QmpCommandError
 from harness.vm.migration import MigrationOutcome, migrate, summarize_stats
+from harness.vm.tls import TlsCredentials, missing_tool
 
 
 @dataclass(frozen=True)
 class RunContext:
     """What every scenario of a run shares: host facts (the QEMU inventory with them), built
-    L1, where results go."""
+    L1, where results go, and where destinations start (dst_host: another host over SSH;
+    None: this one).
+
+    stall_timeout: a migration whose byte count stands still that long is cancelled.
+    """
 
     host: HostFacts
     image: L1Image
     out: Path
     boot_timeout: float = 60.0
     migrate_timeout: float = 120.0
+    dst_host: HostSpec | None = None
+    stall_timeout: float | None = 15.0
 
     @property
     def qemu(self) -> str:
@@ -70,6 +80,12 @@ class RunContext:
         h = self.host
         src, dst = self.binaries(variant)
         plan = variant.qemu
+        fault = faults.FAULTS[variant.spec.inject] if variant.spec.inject else None
+        unfit = (unfit_reason(self.dst_host, variant.mode.transport)
+                 or (fault.unfit(variant.mode.tls, self.dst_host is not None) if fault else None)
+                 or missing_tool(variant.mode.tls))
+        if unfit:
+            return unfit
         if plan is not None and (src is None or dst is None):
             path, version = ((plan.src, plan.src_version) if src is None
                              else (plan.dst, plan.dst_version))
@@ -139,7 +155,9 @@ def run_variant(variant: Variant, ctx: RunContext) -> ScenarioResult:
     res = ScenarioResult(id=variant.id, scenario=spec.name, params=variant.params())
     workdir = ctx.out / re.sub(r"[^\w.+-]+", "_", variant.id)
     workdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(workdir, 0o700)  # it holds the run's private SSH key and TLS keys
     res.artifacts["dir"] = str(workdir)
+    res.metrics["ran_on"] = where_am_i()
     # A src/dst enlightenment mismatch is a configuration error on any host: refuse it first.
     mismatch = same_enlightenments(variant.profile, variant.dst_profile or variant.profile)
     if mismatch:
@@ -168,20 +186,32 @@ class _ScenarioRun:
         self.src: Machine | None = None
         self.dst: Machine | None = None
         self.shells: list[L1Shell] = []
+        self.dest: Destination | None = None
+        self.tls: TlsCredentials | None = None
+
+    def _destination(self) -> Destination:
+        if self.dest is None:
+            self.dest = Destination(self.ctx.dst_host, self.workdir, self.key, self.ctx.image,
+                                    lambda cfg: launch_config(cfg, self.workdir))
+            self.res.params["destination"] = self.dest.record()
+        return self.dest
 
     # -- machines -------------------------------------------------------------------------
     def _machine(self, name: str, incoming: bool, tcg_svm_log: Path | None = None) -> Machine:
         v = self.variant
         profile = v.profile if name == "src" else (v.dst_profile or v.profile)
         src, dst = self.ctx.binaries(v)
-        return launch_l1(self.ctx, name, self.workdir, self.key, cpu=self.ctx.l1_cpu(profile),
-                         mem_mib=self.spec.mem_mib, smp=self.spec.smp, incoming=incoming,
-                         mem_extra_kib=v.qemu.ram_extra_kib if v.qemu else 0,
-                         qemu=src if name == "src" else dst, machine=self.ctx.machine(v),
-                         tcg_svm_log=tcg_svm_log)
+        cfg = l1_config(self.ctx, name, self.key, cpu=self.ctx.l1_cpu(profile),
+                        mem_mib=self.spec.mem_mib, smp=self.spec.smp, incoming=incoming,
+                        mem_extra_kib=v.qemu.ram_extra_kib if v.qemu else 0,
+                        qemu=src if name == "src" else dst, machine=self.ctx.machine(v),
+                        tcg_svm_log=tcg_svm_log)
+        if incoming:
+            return self._destination().launch(cfg, creds=self.tls)
+        return launch_config(cfg, self.workdir)
 
     def _shell(self, m: Machine, timeout: float = 30.0) -> L1Shell:
-        sh = L1Shell(m.ssh_port, self.key)
+        sh = L1Shell(m.ssh_port, self.key, opener=m.l1_ssh_opener())
         self.shells.append(sh)
         sh.connect(timeout)
         return sh
@@ -206,6 +236,7 @@ class _ScenarioRun:
                 raise StepTimeout(f"L1 has no /dev/kvm (module {ready.get('module')}): "
                                   "cannot run an L2")
             sh = self._shell(self.src)
+            self._destination()  # the link to another host is known before any fault acts
         with self.timer.phase("start_workloads"):
             self._start_guest_programs(sh)
             l2_before = self._l2_pass(sh) if spec.state == "nested" else None
@@ -215,15 +246,26 @@ class _ScenarioRun:
             if spec.state == "nested":
                 self._quiesce_l2(sh)
             self.src.qmp("stop")
+        with self.timer.phase("start_dst"):
+            self.tls = self._destination().make_tls(self.mode.tls)
+            self._fault("before-dst")
+            if self.tls is not None:
+                self.res.params["tls"] = self.tls.describe()  # with what a fault changed
         outcome = self._migrate(trace)
         self._record_migration(outcome)
-        check = ck.migration_completed(outcome.status, outcome.error, spec.state)
+        check = ck.migration_completed(outcome.status, outcome.error, spec.state,
+                                       outcome.dst_said)
         attempts = self.res.metrics.get("switchover_attempts")
         if attempts and (len(attempts) > 1 or attempts[-1].get("in_guest_mode")):
             check = replace(check, detail=check.detail + "; " + attempts_summary(attempts))
         self.res.checks.append(check)
         with self.timer.phase("verify"):
             self._fault("after-migrate")
+            if outcome.status != "completed" and not spec.paused and self.src.alive():
+                # A failed or cancelled migration must leave the source as it was.
+                self._check_source(sh)
+                if faults.retries(spec.inject):
+                    outcome = self._retry(trace)
             expected = "paused" if spec.paused else "running"
             if outcome.dst_status == "exited" or not self.dst.alive():
                 self.dst.wait_exit(5.0)
@@ -254,10 +296,11 @@ class _ScenarioRun:
             else:
                 self._check_guest(l2_before, dmesg_before)
 
-    def _migrate(self, trace: SvmTrace | None) -> MigrationOutcome:
+    def _migrate(self, trace: SvmTrace | None, first: bool = True) -> MigrationOutcome:
         """Start the destination and migrate; with the guest-mode policy (``trace``), a
         switchover that would land in guest mode is cancelled and tried again with a fresh
-        destination, on the same source, up to the variant's retries; every attempt is kept."""
+        destination, on the same source, up to the variant's retries; every attempt is kept.
+        A fault acts on the first migration only (first=False: a retry after it)."""
         attempts: list[dict] = []
         tries = 1 + (self.variant.guest_mode_retries if trace else 0)
         for n in range(1, tries + 1):
@@ -271,8 +314,9 @@ class _ScenarioRun:
             with self.timer.phase("migrate"):
                 outcome = migrate(self.src, self.dst, self.mode, self._uri(),
                                   self.ctx.migrate_timeout,
-                                  on_started=(lambda: self._fault("during-migrate")) if n == 1
-                                  else None, before_switchover=decide)
+                                  on_started=(lambda: self._fault("during-migrate"))
+                                  if n == 1 and first else None, before_switchover=decide,
+                                  tls=self.tls, stall_timeout=self.ctx.stall_timeout)
             if trace is None:
                 return outcome
             if not attempts or attempts[-1]["attempt"] != n:
@@ -365,10 +409,50 @@ class _ScenarioRun:
         return self._status(sh).get("l2", {}).get("pass")
 
     def _uri(self) -> str:
-        if self.mode.transport == "unix":
-            assert self.dst is not None
-            return f"unix:{self.dst.qmp_socket.with_name('migration.sock')}"
-        return f"tcp:127.0.0.1:{free_port()}"
+        assert self.dst is not None
+        unix_dir = self.dst.qmp_socket.parent if self.mode.transport == "unix" else None
+        return self._destination().uri(self.mode.transport, unix_dir)
+
+    def _check_source(self, sh: L1Shell) -> None:
+        """source-intact: the source runs, its workload verifies, L2 advances (live runs)."""
+        assert self.src is not None
+        spec = self.spec
+        try:
+            state = self.src.qmp("query-status", timeout=10)["status"]
+            report = self._verify(sh, "l1work", "/run/l1work") if spec.l1_workload else False
+            l2 = None
+            if spec.state == "nested":
+                l2 = []
+                for _ in range(3):
+                    p = self._l2_pass(sh)
+                    if p is not None:
+                        l2.append(p)
+                    time.sleep(0.4)
+        except (StepTimeout, QmpCommandError) as e:
+            self.res.checks.append(ck.source_intact(None, None, None, error=str(e)))
+            return
+        self.res.checks.append(ck.source_intact(state, report, l2))
+
+    def _retry(self, trace: SvmTrace | None) -> MigrationOutcome:
+        """The same source to a new destination, once the fault is undone (as QEMU's own cancel
+        tests do); the destination checks then judge this one. The failed attempt's files are
+        kept under attempt-N/."""
+        self._destination().ensure_connected()  # a cut link may have dropped it
+        self._set_aside_dst(len(list(self.workdir.glob("attempt-*"))) + 1)
+        first_attempts = self.res.metrics.get("switchover_attempts")
+        outcome = self._migrate(trace, first=False)
+        self.res.metrics["retry"] = {"status": outcome.status, "error": outcome.error,
+                                     "seconds": outcome.seconds,
+                                     "migration": summarize_stats(outcome.stats),
+                                     "switchover_attempts":
+                                         self.res.metrics.get("switchover_attempts")}
+        if first_attempts is not None:
+            self.res.metrics["switchover_attempts"] = first_attempts
+        else:
+            self.res.metrics.pop("switchover_attempts", None)
+        (self.workdir / "query-migrate-retry.json").write_text(json.dumps(outcome.stats, indent=2))
+        self.res.checks.append(ck.retry_completed(outcome.status, outcome.error, outcome.seconds))
+        return outcome
 
     def _record_migration(self, o: MigrationOutcome) -> None:
         self.res.metrics["migration"] = summarize_stats(o.stats)
@@ -380,9 +464,14 @@ class _ScenarioRun:
         (self.workdir / "query-migrate.json").write_text(json.dumps(o.stats, indent=2))
         if o.dst_error:
             self.res.metrics["dst_error"] = o.dst_error
+        if o.dst_lines:
+            self.res.metrics["dst_lines"] = o.dst_lines[:10]
+        if o.cancel_ms is not None:
+            self.res.metrics["cancel_ms"] = round(o.cancel_ms, 1)
 
     def _fault(self, point: str, sh: L1Shell | None = None) -> None:
-        faults.act(self.spec.inject, point, At(self.src, self.dst, sh))
+        link = self.dest.link if self.dest is not None else None
+        faults.act(self.spec.inject, point, At(self.src, self.dst, sh, self.tls, link))
 
     # -- checks on a running destination ------------------------------------------------------
     def _check_guest(self, l2_before: int | None, dmesg_before: str) -> None:
@@ -484,6 +573,15 @@ class _ScenarioRun:
                     pass
         # Megabytes of VMRUN/#VMEXIT lines: their counts at each stop are in the result.
         (self.workdir / "src-svm.log").unlink(missing_ok=True)
+        try:
+            self._fault("teardown")
+        except NestvirtError as e:
+            # Said, not raised: teardown must finish (the remote directory below).
+            self.res.metrics["teardown_error"] = str(e)
+        finally:
+            if self.dest is not None:
+                self.res.params["destination"] = self.dest.record()
+                self.dest.close()
 
 
 def launch_l1(ctx: RunContext, name: str, workdir: Path, key: RunKey, *, cpu: str,
@@ -494,14 +592,28 @@ def launch_l1(ctx: RunContext, name: str, workdir: Path, key: RunKey, *, cpu: st
 
     ``qemu``: the binary (default the run's own), started as the inventory says (module dir,
     firmware dirs); ``machine``: its machine type (default that binary's newest q35)."""
+    return launch_config(l1_config(ctx, name, key, cpu=cpu, mem_mib=mem_mib, smp=smp,
+                                   incoming=incoming, mem_extra_kib=mem_extra_kib, qemu=qemu,
+                                   machine=machine, tcg_svm_log=tcg_svm_log), workdir)
+
+
+def l1_config(ctx: RunContext, name: str, key: RunKey, *, cpu: str, mem_mib: int = 512,
+              smp: int = 1, incoming: bool = False, mem_extra_kib: int = 0,
+              qemu: QemuFacts | None = None, machine: str | None = None,
+              tcg_svm_log: Path | None = None) -> MachineConfig:
+    """What one L1 QEMU of the run's image is (see launch_l1)."""
     q = qemu or ctx.host.qemu
-    cfg = MachineConfig(
+    return MachineConfig(
         name=name, qemu=q.binary, accel=ctx.accel, cpu=cpu, kernel=ctx.image.kernel.image,
         initrd=ctx.image.initramfs, mem_mib=mem_mib, mem_extra_kib=mem_extra_kib, smp=smp,
         incoming=incoming,
         append=f"console=ttyS0 panic=-1 loglevel=6 {key.cmdline_arg}",
         machine=machine or machine_for(q), module_dir=q.module_dir,
         firmware_dirs=q.firmware_dirs, tcg_svm_log=tcg_svm_log)
+
+
+def launch_config(cfg: MachineConfig, workdir: Path) -> Machine:
+    """Start one QEMU on this host from its config; reap with shutdown()."""
     # A port taken between asking and QEMU's bind makes QEMU exit: retry with a new one.
     for attempt in range(3):
         m = Machine(cfg, workdir, free_port())

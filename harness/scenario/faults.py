@@ -10,6 +10,11 @@ Points, in the order a run reaches them:
 * ``in-guest``: the destination answered SSH; ``At.sh`` is the destination's shell.
 * ``after-l2-progress``: L2's progress was sampled on the destination (shell as in-guest).
 * ``before-compare``: a paused run, just before RAM and registers are compared; no shell.
+* ``before-dst``: the run's TLS credentials (``At.tls``) are made, no destination started yet.
+* ``teardown``: the run is over, also after an error: undo what the fault changed outside the
+  machines (a link it cut). Runs after the machines are gone.
+
+``At.link`` is the network link to a destination on another host (None on one host).
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from harness.core.errors import UsageError
+from harness.core.errors import StepTimeout, UsageError
 from harness.guest.l1 import L1Shell
+from harness.remote.link import Link
 from harness.vm.machine import Machine
+from harness.vm.tls import TlsCredentials
 
-POINTS = ("before-migrate", "during-migrate", "after-migrate", "in-guest", "after-l2-progress",
-          "before-compare")
+POINTS = ("before-migrate", "before-dst", "during-migrate", "after-migrate", "in-guest",
+          "after-l2-progress", "before-compare", "teardown")
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class At:
     src: Machine | None
     dst: Machine | None
     sh: L1Shell | None = None
+    tls: TlsCredentials | None = None
+    link: Link | None = None
 
     def shell(self) -> L1Shell:
         if self.sh is None:
@@ -49,6 +58,16 @@ class At:
         if self.dst is None:
             raise AssertionError("no destination machine at this point")
         return self.dst
+
+    def credentials(self) -> TlsCredentials:
+        if self.tls is None:
+            raise AssertionError("a TLS fault ran without TLS credentials (needs_tls unchecked)")
+        return self.tls
+
+    def network(self) -> Link:
+        if self.link is None:
+            raise AssertionError("a network fault ran without a link (needs_remote unchecked)")
+        return self.link
 
 
 Action = Callable[[At], None]
@@ -77,6 +96,10 @@ class Fault:
     needs_state: str | None = None  # "nested": needs a running L2
     needs_workload: bool = False
     also_fails: tuple[str, ...] = field(default=())  # checks that fail with it by necessity
+    needs_tls: str | None = None  # "x509" / "psk": the run must migrate with that TLS
+    needs_remote: bool = False  # the destination must be on another host (a link to act on)
+    retry: bool = False  # after the failure, verify the source and migrate it again
+    detail_re: str | None = None  # what must_fail's detail says (the destination's own line)
 
     def __post_init__(self) -> None:
         for point in self.actions:
@@ -92,6 +115,15 @@ class Fault:
             return f"inject {self.name} needs a running L2 (state {self.needs_state}), not {spec.state}"
         if self.needs_workload and not spec.l1_workload:
             return f"inject {self.name} needs the L1 workload, which {spec.name} does not run"
+        return None
+
+    def unfit(self, tls: str, remote: bool) -> str | None:
+        """Why a run with this TLS mode and destination cannot show the fault, or None."""
+        if self.needs_tls and tls != self.needs_tls:
+            return f"inject {self.name} needs --tls {self.needs_tls} (this run: --tls {tls})"
+        if self.needs_remote and not remote:
+            return (f"inject {self.name} needs a destination on another host (--dst-host): "
+                    "on one host the migration crosses no link")
         return None
 
 
@@ -128,6 +160,43 @@ def _run_dst_briefly(at: At) -> None:
     dst.qmp("cont")
     time.sleep(0.5)
     dst.qmp("stop")
+
+
+def _tls(change: str) -> Action:
+    """An action that breaks the run's credentials one way (a method of TlsCredentials)."""
+    def run(at: At) -> None:
+        getattr(at.credentials(), change)()
+    return run
+
+
+# The cut happens once this much has crossed the link: mid-stream, well before the end (the
+# throttle below makes a 512 MiB L1 with its workload take ~8 s).
+CUT_AFTER_BYTES = 4 << 20
+CUT_THROTTLE = "100mbit"
+
+
+def _throttle(at: At) -> None:
+    at.network().throttle(CUT_THROTTLE)
+
+
+def _cut_mid_stream(at: At) -> None:
+    src, deadline = at.source(), time.monotonic() + 30
+    while True:
+        info = src.qmp("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            raise StepTimeout(f"cut-link: migration ended ({info.get('status')}) before the cut")
+        if info.get("ram", {}).get("transferred", 0) >= CUT_AFTER_BYTES:
+            break
+        if time.monotonic() > deadline:
+            raise StepTimeout("cut-link: fewer than 4 MiB sent in 30 s: nothing to cut")
+        time.sleep(0.05)
+    at.network().down()
+
+
+def _restore_link(at: At) -> None:
+    link = at.network()
+    link.up()
+    link.unthrottle()
 
 
 FAULTS: dict[str, Fault] = {f.name: f for f in (
@@ -175,6 +244,39 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
            "after-migrate": _nmi_dst},
           must_fail="dst-qemu-alive", scenario="migrate-plain", needs_paused=False,
           also_fails=("l1-ssh-on-dst", "kernel-log-clean")),
+    # TLS: each breaks one thing the handshake checks; the migration must fail, the check must
+    # name it with the destination's own line, and the source must keep running.
+    Fault("tls-wrong-ca", "the destination's certificate comes from a CA the source does not trust",
+          {"before-dst": _tls("use_other_ca")},
+          must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
+          needs_tls="x509", also_fails=("dst-qemu-alive", "l1-ssh-on-dst"),
+          detail_re=r"known issuer.*destination: Verify failed"),
+    Fault("tls-wrong-hostname", "the source expects another host name than the destination's "
+          "certificate holds", {"before-dst": _tls("expect_other_hostname")},
+          must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
+          needs_tls="x509", also_fails=("dst-qemu-alive", "l1-ssh-on-dst"),
+          # The destination's line differs by version (7.2: "Cannot read from TLS channel",
+          # 10.0: "load of migration failed"): that it speaks is what is judged.
+          detail_re=r"does not match the hostname wrong\.nestvirt\.test; destination: \S"),
+    Fault("tls-authz-reject", "the source presents a valid client certificate the "
+          "destination's authz does not allow", {"before-dst": _tls("use_rogue_client")},
+          must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
+          needs_tls="x509", also_fails=("dst-qemu-alive", "l1-ssh-on-dst"),
+          detail_re=r"destination: TLS x509 authz check for O=nestvirt,CN=rogue\.nestvirt\.test "
+                    r"is denied"),
+    Fault("tls-psk-mismatch", "the source holds another pre-shared key than the destination",
+          {"before-dst": _tls("use_other_psk")},
+          must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
+          needs_tls="psk", also_fails=("dst-qemu-alive", "l1-ssh-on-dst"),
+          detail_re=r"TLS handshake failed.*destination: TLS handshake failed"),
+    # The network between the hosts: TCP alone would retry for ~15 min; the harness's stall
+    # timeout cancels, the source must be intact, and a retry once the link is back completes.
+    Fault("cut-link", "the link to the destination host goes down mid-stream (ip link set "
+          "down); stall timeout, migrate_cancel, link up, retry to a new destination",
+          {"before-migrate": _throttle, "during-migrate": _cut_mid_stream,
+           "after-migrate": _restore_link, "teardown": _restore_link},
+          must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
+          needs_remote=True, retry=True, detail_re=r"source status stalled: no progress"),
 )}
 
 INJECTIONS = tuple(FAULTS)
@@ -186,6 +288,11 @@ def get_fault(name: str) -> Fault:
         return FAULTS[name]
     except KeyError:
         raise UsageError(f"unknown fault '{name}' (choose from {', '.join(INJECTIONS)})") from None
+
+
+def retries(fault: str | None) -> bool:
+    """Whether the run's fault asks for a retry after its failed migration."""
+    return fault is not None and FAULTS[fault].retry
 
 
 def act(fault: str | None, point: str, at: At) -> None:

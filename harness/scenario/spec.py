@@ -18,6 +18,9 @@ NO_PROFILE = Profile(name="none")
 # Under an accel without nested state (TCG), live nested migrations whose stop would land in
 # guest mode are cancelled and tried again this many times (scenario/engine.py).
 GUEST_MODE_RETRIES = 5
+# Sizes that reach L1's shell as numbers on a command line: they must be ints, never text
+# (a variant file is input, and "64; reboot" would otherwise run in L1).
+NUMBERS = ("mem_mib", "smp", "l1_mib", "l1_threads", "l1_rate_mib_s", "l2_pages")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,13 @@ class ScenarioSpec:
         assert self.state in STATES, self.state
         assert self.l2_payload in L2_PAYLOADS, self.l2_payload
         assert self.inject is None or self.inject in FAULTS, self.inject
+        for name in NUMBERS:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise TypeError(f"{name} must be a non-negative integer, not {v!r}")
+        for name in ("l1_workload", "paused"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, not {getattr(self, name)!r}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +124,8 @@ class Variant:
         vid = f"{self.spec.name}/{self.mode.compression}"
         if self.profile.names or self.profile.name != "none":
             vid += f"/{self.profile.name}"
+        if self.mode.tls != "none":
+            vid += f"+tls={self.mode.tls}"
         return vid + (f"+inject-{self.spec.inject}" if self.spec.inject else "")
 
     def params(self) -> dict[str, Any]:

@@ -25,6 +25,11 @@ have make || need+=(make)
 have zstd || need+=(zstd)
 have dpkg-deb || need+=(dpkg)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+# TLS migration makes its certificates at run time with certtool.
+have certtool || need+=(gnutls-bin)
+# The two-host tests: network namespaces, veth, tc tbf (iproute2); unshare, setpriv (util-linux).
+{ have ip && have tc; } || need+=(iproute2)
+{ have unshare && have setpriv; } || need+=(util-linux)
 # The HTML report's test opens the page in a real headless browser (tests/test_reports.py).
 browser=""
 have chromium-headless-shell || have chromium || browser=wanted

@@ -159,16 +159,21 @@ include:
 
 def test_xdist_workers_in_each_host_share_one_matrix(two_hosts: TestHosts, tmp_path: Path):
     """Scale-out with pytest-xdist, no scheduler of ours: one popen worker per host, started by
-    `ip netns exec HOST python`; the controller merges both workers' records."""
+    `ip netns exec HOST python`; the controller merges both workers' records. The worker on A
+    sends its destinations to B ($NESTVIRT_DST_HOST in its python=), the one on B keeps its
+    own: each worker drives its own host pair."""
     pytest.importorskip("xdist", reason="pytest-xdist is not installed")
     assert two_hosts.pair is not None
+    d = two_hosts.dst
     matrix = tmp_path / "scaleout.yaml"
     matrix.write_text(MATRIX)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", str(tmp_path / "pytest.ini"),
             "--rootdir", str(tmp_path), "-d",
-            "--tx", f"popen//python=ip netns exec {two_hosts.pair.a} {sys.executable}",
+            "--tx", f"popen//python=env NESTVIRT_DST_HOST=root@{d.addr} NESTVIRT_DST_KEY="
+                    f"{d.key_file} NESTVIRT_DST_KNOWN_HOSTS={d.known_hosts} "
+                    f"ip netns exec {two_hosts.pair.a} {sys.executable}",
             "--tx", f"popen//python=ip netns exec {two_hosts.pair.b} {sys.executable}",
             str(matrix), "--nestvirt-out", str(out)]
     from .test_runners import pytest_plugin_args
@@ -181,8 +186,10 @@ def test_xdist_workers_in_each_host_share_one_matrix(two_hosts: TestHosts, tmp_p
     assert [i.split("+")[0] for i in got] == ["migrate-plain/none", "migrate-plain/multifd-zstd"]
     assert {s["verdict"] for s in got.values()} <= {"pass", "known-issue"}, [
         (i, s["verdict"], s["reason"][:200]) for i, s in got.items()]
-    where = {s["metrics"]["ran_on"]["netns"] for s in got.values()}
-    inodes = {f"net:[{Path('/run/netns', ns).stat().st_ino}]" for ns in (two_hosts.pair.a,
-                                                                       two_hosts.pair.b)}
-    assert where == inodes, (where, inodes)  # one variant ran on each host
+    inode = {f"net:[{Path('/run/netns', ns).stat().st_ino}]": ns
+             for ns in (two_hosts.pair.a, two_hosts.pair.b)}
+    where = {inode.get(s["metrics"]["ran_on"]["netns"]): s["params"]["destination"]["host"]
+             for s in got.values()}
+    # One variant ran on each host; A's went to B over SSH, B's stayed on B.
+    assert where == {two_hosts.pair.a: d.label, two_hosts.pair.b: "local"}, where
     assert {q.name for q in out.iterdir() if q.is_dir()} == {"gw0", "gw1"}

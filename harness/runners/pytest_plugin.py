@@ -55,6 +55,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="known-issue signatures (default ci/known-issues.json)")
     g.addoption("--nestvirt-no-known-issues", action="store_true",
                 help="report every failure as a failure, known or not")
+    g.addoption("--nestvirt-dst-host", metavar="USER@ADDR[:PORT]",
+                help="start destinations on this host over SSH (default: $NESTVIRT_DST_HOST, "
+                     "so each xdist worker can drive its own: --tx 'popen//python=env "
+                     "NESTVIRT_DST_HOST=... python')")
+    g.addoption("--nestvirt-dst-key", metavar="FILE",
+                help="key for the destination host (default: $NESTVIRT_DST_KEY)")
+    g.addoption("--nestvirt-dst-known-hosts", metavar="FILE",
+                help="known_hosts for it (default: $NESTVIRT_DST_KNOWN_HOSTS)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -136,6 +144,21 @@ class _NestvirtSession:
                                    build_tools())
         return self._image
 
+    def run_options(self) -> dict[str, Any]:
+        """Job.run for this process: where its destinations start (option, else env)."""
+        from harness.remote.ssh import HostSpec
+
+        def opt(name: str) -> str | None:
+            return self.config.getoption(f"nestvirt_{name}") or os.environ.get(
+                f"NESTVIRT_{name.upper()}") or None
+
+        target = opt("dst_host")
+        if not target:
+            return {}
+        spec = HostSpec.parse(target, key_file=opt("dst_key"),
+                              known_hosts=opt("dst_known_hosts"))
+        return {"dst_host": spec.to_json()}
+
     def signatures(self) -> tuple[dict[str, Any], ...]:
         if self._sigs is None:
             from harness.results import known
@@ -203,7 +226,7 @@ class MatrixItem(pytest.Item):
         job = Job(index=pv.index, attempt=1, id=pv.id, variant=pv.variant.to_json(),
                   out=str(job_out(run.worker_out, pv.id, pv.variant.id)),
                   host=run.facts().to_json(), image=run.image().to_json(), needs=pv.needs,
-                  signatures=run.signatures())
+                  signatures=run.signatures(), run=run.run_options())
         record = execute_job(job, budget=run.budget)
         self.user_properties.append(("nestvirt_artifacts", record["result"]["artifacts"].get("dir")))
         verdict, reason = record["result"]["verdict"], record["result"]["reason"]

@@ -20,6 +20,7 @@ from harness.scenario.result import ScenarioResult
 from harness.scenario.spec import Variant
 from harness.scenario.suite import SCENARIOS
 from harness.vm.migration import COMPRESSION_MODES, MigrationMode
+from harness.vm.tls import missing_tool
 
 from .conftest import qemu_flaked
 
@@ -107,6 +108,8 @@ def test_paused_identity_passes_then_catches_a_running_destination(ctx: RunConte
                           if f.scenario != "migrate-paused-identity" and not f.needs_remote])
 def test_each_check_catches_its_broken_case(ctx: RunContext, inject: str, scenario: str, caught: str):
     f = FAULTS[inject]
+    if f.needs_tls and missing_tool(f.needs_tls):
+        pytest.skip(missing_tool(f.needs_tls))
     r = run(ctx, scenario, "none", inject=inject,
             attempts=1 if inject in ("kill-dst", "panic-dst") else 3, tls=f.needs_tls or "none")
     assert r.verdict == "fail", f"{inject} went unnoticed: {r.reason}"

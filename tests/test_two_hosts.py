@@ -20,6 +20,7 @@ from harness.remote.testhosts import TestHosts
 from harness.scenario.engine import RunContext
 from harness.scenario.faults import FAULTS
 from harness.scenario.suite import SCENARIOS
+from harness.vm.tls import missing_tool
 
 from .test_scenarios import run
 
@@ -63,6 +64,8 @@ def remote(ctx: RunContext, hosts: TestHosts, stall: float = 15.0) -> RunContext
 
 def test_nested_migrates_across_hosts_with_tls_and_every_check(ctx: RunContext,
                                                                  two_hosts: TestHosts):
+    if missing_tool("x509"):
+        pytest.skip(missing_tool("x509"))
     with two_hosts.on_source():
         r = run(remote(ctx, two_hosts), "migrate-nested", "none", tls="x509")
     assert r.verdict == "pass", r.reason

@@ -148,8 +148,9 @@ def main() -> int:
         return 2
     with TestHosts(tag="try") as hosts:
         nv = shlex.join(["ip", "netns", "exec", hosts.source_ns, sys.executable, "-m", "harness"])
-        print(f"host A: netns {hosts.source_ns} ({hosts.pair.addr_a if hosts.pair else ''}), "
-              f"host B: netns {hosts.dst.addr} with dropbear\n"
+        assert hosts.pair is not None
+        print(f"host A: netns {hosts.pair.a} ({hosts.pair.addr_a}), "
+              f"host B: netns {hosts.pair.b} ({hosts.pair.addr_b}) with dropbear\n"
               f"  {nv} run migrate-plain {shlex.join(hosts.dst_args())}\n"
               "Ctrl-C removes both.", flush=True)
         try:

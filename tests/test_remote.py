@@ -116,7 +116,12 @@ def test_a_started_process_ends_with_its_connection(two_hosts: TestHosts):
             s = cat.stdio_socket()
             s.sendall(b"ping\n")
             s.settimeout(10)
-            assert s.recv(16) == b"ping\n"  # its stdin/stdout are the local socket
+            echoed = b""
+            while len(echoed) < 5:  # a stream: the echo may come in pieces
+                chunk = s.recv(16)
+                assert chunk, f"EOF after {echoed!r}"
+                echoed += chunk
+            assert echoed == b"ping\n"  # its stdin/stdout are the local socket
             sleeper = h.start(["sleep", "300"], f"{d}/err")
             assert sleeper.poll() is None
             # Closing its connection ends it: setpriv's parent-death signal, no kill needed.
@@ -148,16 +153,16 @@ def test_files_go_there_atomically_and_private(two_hosts: TestHosts):
 
 
 def test_stage_uses_a_shared_path_or_uploads_once(two_hosts: TestHosts, tmp_path: Path):
-    shared = tmp_path / "kernel.img"
+    assert two_hosts.rundir is not None
+    shared = two_hosts.rundir / "kernel.img"  # outside /tmp: both hosts see it
     shared.write_bytes(os.urandom(100_000))
-    assert two_hosts.private is not None
-    hidden = two_hosts.private / "initrd.img"  # host B sees an empty tmpfs here
+    hidden = tmp_path / "initrd.img"  # under this host's /tmp: host B has its own /tmp
     hidden.write_bytes(os.urandom(200_000))
     with two_hosts.on_source():
         h = RemoteHost(two_hosts.dst).connect()
         try:
             assert stage(h, shared) == str(shared)  # same bytes at the same path: used as is
-            assert h.run(["ls", str(two_hosts.private)], 10).out == ""
+            assert h.run(["ls", "-A", "/tmp"], 10).out == ""
             there = stage(h, hidden)
             assert there != str(hidden) and "/.cache/nestvirt/staged/" in there
             digest = hashlib.sha256(hidden.read_bytes()).hexdigest()

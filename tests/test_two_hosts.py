@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness.remote.link import Link
+from harness.remote.ssh import RemoteHost
 from harness.remote.testhosts import TestHosts
 from harness.scenario.engine import RunContext
 from harness.scenario.faults import FAULTS
@@ -87,9 +88,14 @@ def test_nested_migrates_across_hosts_with_tls_and_every_check(ctx: RunContext,
         r.artifacts["files"])
     assert r.metrics["ran_on"]["netns"] == (
         f"net:[{Path('/run/netns', two_hosts.source_ns).stat().st_ino}]")
-    # Its private directory there is gone (B shares this filesystem), and no key was logged.
+    # Its private directory there is gone, and no key was logged.
     assert dest["remote_dir"].startswith("/tmp/nestvirt-dst-")
-    assert not Path(dest["remote_dir"]).exists()
+    with two_hosts.on_source():
+        h = RemoteHost(two_hosts.dst).connect()
+        try:
+            assert h.run(["ls", "-A", "/tmp"], 10).out == ""
+        finally:
+            h.close()
     assert not leaked(ctx.out, secrets_of(two_hosts, work))
 
 

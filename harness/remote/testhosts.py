@@ -43,12 +43,12 @@ class TestHosts(AbstractContextManager["TestHosts"]):
         self.sshd: NetnsSshd | None = None
         self.rundir: Path | None = None
         self.leftovers: list[str] = []
-        self.private: Path | None = None  # a directory host B does not see (see NetnsSshd)
+        # B has a /tmp of its own (an empty tmpfs): what a run leaves there goes with B, and
+        # nothing can rely on the two hosts sharing /tmp. So this host's files live elsewhere.
+        self.private = Path("/tmp")
 
     def __enter__(self) -> TestHosts:
-        self.rundir = Path(tempfile.mkdtemp(prefix="nestvirt-hosts-"))
-        self.private = self.rundir / "not-on-b"
-        self.private.mkdir()
+        self.rundir = Path(tempfile.mkdtemp(prefix="nestvirt-hosts-", dir="/var/tmp"))
         try:
             self.pair = HostPair.create(self.tag)
             self.sshd = NetnsSshd(self.pair.b, self.pair.addr_b, self.rundir, self.keepalive_s,

@@ -134,7 +134,10 @@ def test_a_cut_link_ends_in_a_verdict_the_source_survives_and_a_retry_completes(
     for name in ("dst-qemu-alive", "l1-ssh-on-dst", "l1-workload-pattern", "kernel-log-clean"):
         assert checks[name]["ok"], checks[name]
     assert r["metrics"]["cancel_ms"] < 10_000  # the cancel itself was answered
-    assert "dst2-cmdline.txt" in r["artifacts"]["files"]
+    # The failed attempt's destination files were kept apart from the retry's.
+    kept = Path(r["artifacts"]["dir"]) / "attempt-1"
+    assert (kept / "dst-cmdline.txt").read_text().startswith(f"# on {two_hosts.dst.label}")
+    assert "dst-cmdline.txt" in r["artifacts"]["files"]
     # The link is back as it was: up, no throttle left.
     with two_hosts.on_source():
         link = Link.towards(two_hosts.dst.addr)

@@ -99,3 +99,54 @@ def test_an_l1_that_panics_at_boot_says_so_not_just_exit_0(ctx: RunContext, tmp_
     assert m.returncode == 0
     assert "QEMU exited: status 0, no stderr" in str(e.value)
     assert "Kernel panic - not syncing" in str(e.value), str(e.value)
+
+
+def _anon_region(pid: int, size: int) -> tuple[int, int]:
+    """Start and end of the anonymous mapping of exactly ``size`` bytes (l1work's region)."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if hi - lo == size and len(parts) < 6:
+            return lo, hi
+    raise AssertionError(f"no anonymous {size}-byte mapping in /proc/{pid}/maps")
+
+
+@pytest.mark.parametrize("pattern", ["seq", "random", "hot"])
+@pytest.mark.parametrize("entropy", [1, 2, 4])
+def test_l1work_entropy_compresses_as_said_and_every_pattern_verifies(tmp_path: Path, pattern: str,
+                                                                      entropy: int):
+    """--entropy N pages compress about N times (zlib over the live region, as QEMU's would),
+    each --pattern keeps the one-edge oracle (it passes while running and catches a flipped
+    byte), and --progress lines count the bytes written."""
+    import zlib
+
+    tools = build_tools()
+    pid, res, prog = tmp_path / "pid", tmp_path / "res", tmp_path / "progress"
+    mib = 4
+    p = subprocess.Popen([str(tools.dir / "l1work"), "run", "--mib", str(mib), "--threads", "2",
+                          "--rate-mib-s", "64", "--pidfile", str(pid), "--result", str(res),
+                          "--entropy", str(entropy), "--pattern", pattern, "--hot-pct", "25",
+                          "--progress", str(prog)])
+    try:
+        deadline = time.monotonic() + 10
+        while not pid.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(3):  # several edges: the sweep moves between verifies
+            ok = _run_l1work(tools.dir, tmp_path, "verify", "--pidfile", str(pid), "--result", str(res))
+            assert ok.returncode == 0 and json.loads(ok.stdout)["ok"], ok.stdout + ok.stderr
+            time.sleep(0.15)
+        lo, hi = _anon_region(p.pid, mib << 20)
+        with open(f"/proc/{p.pid}/mem", "rb") as mem:
+            mem.seek(lo)
+            data = mem.read(hi - lo)
+        ratio = len(data) / len(zlib.compress(data, 1))
+        assert entropy * 0.85 < ratio < entropy * 1.15 + 0.1, f"entropy {entropy}: zlib ratio {ratio:.2f}"
+        _run_l1work(tools.dir, tmp_path, "corrupt", "--pidfile", str(pid))
+        bad = _run_l1work(tools.dir, tmp_path, "verify", "--pidfile", str(pid), "--result", str(res))
+        report = json.loads(bad.stdout)
+        assert bad.returncode == 1 and report["first_bad"][0]["page"] == 5, bad.stdout
+        lines = [tuple(map(float, x.split())) for x in prog.read_text().splitlines()]
+        assert len(lines) >= 3 and lines[-1][1] > lines[0][1] and lines[-1][0] > lines[0][0]
+    finally:
+        p.terminate()
+        p.wait(timeout=10)

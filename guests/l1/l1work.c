@@ -11,7 +11,7 @@
 #define BATCH      16           /* pages between throttle checks */
 #define MAX_BAD    8            /* first_bad entries kept */
 #define CORRUPT_PAGE 5
-#define STATUS_NS  (200 * 1000 * 1000ull)
+#define STATUS_NS  (100 * 1000 * 1000ull) /* status and progress lines, 10 a second */
 #define SLEEP_MAX_NS (10 * 1000 * 1000ull) /* throttle sleeps in slices so requests are seen */
 #define LAG_MAX_NS (100 * 1000 * 1000ull)  /* further behind than this: no catch-up burst */
 #define GOLDEN     0x9E3779B97F4A7C15ull
@@ -25,6 +25,8 @@ struct slice {
 	pthread_t th;
 	int id;
 	uint64_t first, n;      /* global page range [first, first + n) */
+	uint64_t n_sweep;       /* pages rewritten per sweep: n, or the hot set [0, n_sweep) */
+	uint64_t perm_a, perm_ainv, perm_c; /* --pattern random: sweep step i writes (a*i+c) mod n_sweep */
 	uint32_t gen;           /* generation of the last complete sweep (0 = initial fill) */
 	uint64_t pos;           /* next page to write in the current sweep, slice-relative */
 	int corrupt_sticky;     /* re-damage page CORRUPT_PAGE after each rewrite */
@@ -39,6 +41,12 @@ static uint8_t *g_mem;
 static uint64_t g_pages, g_nthreads;
 static double g_rate; /* bytes/s per thread, 0 = unthrottled */
 static struct slice *g_sl;
+/* --entropy N: the first WORDS/N words of a page are hashed (incompressible), the rest repeat
+ * one word, so a page compresses about N times; 0 keeps the original per-word pattern. */
+static uint64_t g_entropy, g_random_words = WORDS;
+enum { PAT_SEQ, PAT_RANDOM, PAT_HOT };
+static int g_pattern = PAT_SEQ;
+static uint64_t g_hot_pct = 10;
 
 static _Atomic uint64_t g_verify_epoch; /* bumped by main per verify request */
 static _Atomic int g_corrupt_req;
@@ -48,17 +56,99 @@ static pthread_cond_t g_done_cv = PTHREAD_COND_INITIALIZER, g_resume_cv = PTHREA
 static uint64_t g_done_count, g_resume_epoch;
 static pthread_barrier_t g_ready;
 
+/* splitmix64's finaliser: every output bit depends on every input bit (deflate finds nothing) */
+static inline uint64_t mix64(uint64_t z)
+{
+	z += GOLDEN;
+	z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+	z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+	return z ^ (z >> 31);
+}
+
 static inline uint64_t pattern(uint64_t page, uint32_t gen, uint64_t j)
 {
-	return ((page << 32) | gen) ^ (j * GOLDEN);
+	uint64_t base = (page << 32) | gen;
+
+	if (!g_entropy)
+		return base ^ (j * GOLDEN);
+	return j < g_random_words ? mix64(base ^ (j * GOLDEN)) : base;
 }
 
 static void write_page(uint64_t page, uint32_t gen)
 {
 	uint64_t *w = (uint64_t *)(g_mem + page * PAGE), base = (page << 32) | gen, j;
 
+	if (g_entropy) {
+		for (j = 0; j < g_random_words; j++)
+			w[j] = mix64(base ^ (j * GOLDEN));
+		for (; j < WORDS; j++)
+			w[j] = base;
+		return;
+	}
 	for (j = 0; j < WORDS; j++)
 		w[j] = base ^ (j * GOLDEN);
+}
+
+static uint64_t gcd_u64(uint64_t a, uint64_t b)
+{
+	while (b) {
+		uint64_t t = a % b;
+
+		a = b;
+		b = t;
+	}
+	return a;
+}
+
+/* inverse of a modulo m (gcd(a, m) == 1), by the extended Euclid */
+static uint64_t inv_mod(uint64_t a, uint64_t m)
+{
+	__int128 t = 0, nt = 1, r = m, nr = a % m;
+
+	while (nr) {
+		__int128 q = r / nr, x;
+
+		x = t - q * nt; t = nt; nt = x;
+		x = r - q * nr; r = nr; nr = x;
+	}
+	return (uint64_t)(t < 0 ? t + m : t);
+}
+
+/* Slice-relative page written at sweep step i (i < n_sweep). */
+static inline uint64_t sweep_page(const struct slice *s, uint64_t i)
+{
+	if (g_pattern != PAT_RANDOM)
+		return i;
+	return (uint64_t)(((unsigned __int128)s->perm_a * i + s->perm_c) % s->n_sweep);
+}
+
+/* Sweep step at which slice-relative page x (< n_sweep) is written: sweep_page's inverse. */
+static inline uint64_t sweep_step(const struct slice *s, uint64_t x)
+{
+	if (g_pattern != PAT_RANDOM)
+		return x;
+	return (uint64_t)(((unsigned __int128)((x + s->n_sweep - s->perm_c) % s->n_sweep) *
+			   s->perm_ainv) % s->n_sweep);
+}
+
+static void setup_sweep(struct slice *s)
+{
+	s->n_sweep = s->n;
+	if (g_pattern == PAT_HOT) {
+		s->n_sweep = s->n * g_hot_pct / 100;
+		if (s->n_sweep < 1)
+			s->n_sweep = 1;
+	}
+	if (g_pattern == PAT_RANDOM) {
+		/* a multiplier far from 1 scatters consecutive steps over the slice */
+		uint64_t a = (s->n_sweep * 5) / 8 + 1;
+
+		while (s->n_sweep > 1 && gcd_u64(a, s->n_sweep) != 1)
+			a++;
+		s->perm_a = a % s->n_sweep ? a % s->n_sweep : 1;
+		s->perm_ainv = s->n_sweep > 1 ? inv_mod(s->perm_a, s->n_sweep) : 1;
+		s->perm_c = s->n_sweep / 3;
+	}
 }
 
 static void damage(void)
@@ -66,7 +156,8 @@ static void damage(void)
 	g_mem[CORRUPT_PAGE * PAGE + 17] ^= 0xA5; /* one byte, inside word 2 */
 }
 
-/* Pages [0,pos) of the slice must be at gen+1, [pos,n) at gen: the worker knows its own edge. */
+/* Pages written at sweep steps [0,pos) must be at gen+1, the rest of the sweep at gen, and
+ * pages outside a hot set at 0: the worker knows its own edge. */
 static void verify_slice(struct slice *s)
 {
 	uint64_t i, j;
@@ -75,7 +166,7 @@ static void verify_slice(struct slice *s)
 	s->nbad = 0;
 	for (i = 0; i < s->n; i++) {
 		uint64_t page = s->first + i;
-		uint32_t gen = i < s->pos ? s->gen + 1 : s->gen;
+		uint32_t gen = i >= s->n_sweep ? 0 : sweep_step(s, i) < s->pos ? s->gen + 1 : s->gen;
 		const uint64_t *w = (const uint64_t *)(g_mem + page * PAGE);
 
 		for (j = 0; j < WORDS; j++) {
@@ -136,7 +227,7 @@ static void *worker(void *arg)
 	pthread_barrier_wait(&g_ready);
 	base_ns = now_ns();
 	for (;;) {
-		uint64_t page = s->first + s->pos;
+		uint64_t page = s->first + sweep_page(s, s->pos);
 
 		if (serve_requests(s)) {
 			base_ns = now_ns(); /* the pause must not turn into a catch-up burst */
@@ -147,7 +238,7 @@ static void *worker(void *arg)
 			damage();
 		atomic_fetch_add_explicit(&s->bytes, PAGE, memory_order_relaxed);
 		base_bytes += PAGE;
-		if (++s->pos == s->n) {
+		if (++s->pos == s->n_sweep) {
 			s->pos = 0;
 			s->gen++;
 			atomic_fetch_add_explicit(&s->sweeps, 1, memory_order_relaxed);
@@ -179,8 +270,36 @@ static void *worker(void *arg)
 }
 
 static const char *g_status, *g_result, *g_pidfile;
+static FILE *g_progress; /* --progress: one "t bytes_written" line per status interval */
 static uint64_t g_mib, g_seq;
 static double g_rate_total;
+
+static const char *pattern_name(void)
+{
+	return g_pattern == PAT_RANDOM ? "random" : g_pattern == PAT_HOT ? "hot" : "seq";
+}
+
+static uint64_t sweep_pages(void)
+{
+	uint64_t i, n = 0;
+
+	for (i = 0; i < g_nthreads; i++)
+		n += g_sl[i].n_sweep;
+	return n;
+}
+
+/* The guest's own progress, so its slowdown during migration is measured, not guessed. */
+static void write_progress(void)
+{
+	uint64_t bytes = 0, i;
+
+	if (!g_progress)
+		return;
+	for (i = 0; i < g_nthreads; i++)
+		bytes += atomic_load_explicit(&g_sl[i].bytes, memory_order_relaxed);
+	fprintf(g_progress, "%.6f %llu\n", (double)now_ns() / 1e9, (unsigned long long)bytes);
+	fflush(g_progress);
+}
 
 static void write_status(const char *state)
 {
@@ -200,11 +319,12 @@ static void write_status(const char *state)
 	n = snprintf(buf, sizeof buf,
 		     "{\"state\":\"%s\",\"pid\":%d,\"sweeps\":%llu,\"sweeps_min\":%llu,\"mib\":%llu,\"threads\":%llu,"
 		     "\"rate_mib_s\":%g,\"bytes_written\":%llu,\"verifies\":%llu,\"corrupted\":%s,"
-		     "\"t\":%.6f}\n",
+		     "\"entropy\":%llu,\"pattern\":\"%s\",\"sweep_pages\":%llu,\"t\":%.6f}\n",
 		     state, (int)getpid(), (unsigned long long)sweeps, (unsigned long long)smin,
 		     (unsigned long long)g_mib,
 		     (unsigned long long)g_nthreads, g_rate_total, (unsigned long long)bytes,
 		     (unsigned long long)g_seq, atomic_load(&g_corrupted) ? "true" : "false",
+		     (unsigned long long)g_entropy, pattern_name(), (unsigned long long)sweep_pages(),
 		     (double)now_ns() / 1e9);
 	if (write_atomic(g_status, buf, (size_t)n) < 0)
 		fprintf(stderr, "l1work: cannot write status %s: %s\n", g_status, strerror(errno));
@@ -267,6 +387,8 @@ static int cmd_run(int argc, char **argv)
 		{ "mib", required_argument, 0, 'm' }, { "threads", required_argument, 0, 't' },
 		{ "rate-mib-s", required_argument, 0, 'r' }, { "status", required_argument, 0, 's' },
 		{ "result", required_argument, 0, 'R' }, { "pidfile", required_argument, 0, 'p' },
+		{ "entropy", required_argument, 0, 'e' }, { "pattern", required_argument, 0, 'P' },
+		{ "hot-pct", required_argument, 0, 'H' }, { "progress", required_argument, 0, 'g' },
 		{ 0, 0, 0, 0 } };
 	uint64_t i, per, extra, next;
 	sigset_t set;
@@ -284,6 +406,23 @@ static int cmd_run(int argc, char **argv)
 		case 's': g_status = optarg; break;
 		case 'R': g_result = optarg; break;
 		case 'p': g_pidfile = optarg; break;
+		case 'e': g_entropy = parse_u64("--entropy", optarg, 0, WORDS); break;
+		case 'H': g_hot_pct = parse_u64("--hot-pct", optarg, 1, 100); break;
+		case 'g':
+			g_progress = fopen(optarg, "a");
+			if (!g_progress)
+				die(EXIT_USAGE, "--progress %s: %s", optarg, strerror(errno));
+			break;
+		case 'P':
+			if (!strcmp(optarg, "seq"))
+				g_pattern = PAT_SEQ;
+			else if (!strcmp(optarg, "random"))
+				g_pattern = PAT_RANDOM;
+			else if (!strcmp(optarg, "hot"))
+				g_pattern = PAT_HOT;
+			else
+				die(EXIT_USAGE, "--pattern %s: seq, random or hot", optarg);
+			break;
 		default: die_bad_option("run", argv);
 		}
 	}
@@ -293,6 +432,8 @@ static int cmd_run(int argc, char **argv)
 		die(EXIT_USAGE, "--threads %llu exceeds the %llu pages",
 		    (unsigned long long)g_nthreads, (unsigned long long)g_pages);
 	g_rate = g_rate_total * (1 << 20) / (double)g_nthreads;
+	if (g_entropy)
+		g_random_words = WORDS / g_entropy;
 
 	/* signals are taken synchronously by main (sigtimedwait): workers never see them */
 	sigemptyset(&set);
@@ -317,6 +458,7 @@ static int cmd_run(int argc, char **argv)
 		g_sl[i].first = next;
 		g_sl[i].n = per + (i < extra); /* contiguous slices, remainder spread over the first */
 		next += g_sl[i].n;
+		setup_sweep(&g_sl[i]);
 		err = pthread_create(&g_sl[i].th, NULL, worker, &g_sl[i]);
 		if (err)
 			die(EXIT_FAIL, "pthread_create: %s", strerror(err));
@@ -347,6 +489,7 @@ static int cmd_run(int argc, char **argv)
 		else if (sig == SIGTERM || sig == SIGINT)
 			break;
 		write_status("running");
+		write_progress();
 	}
 	write_status("terminated");
 	remove_pidfile(g_pidfile);
@@ -357,7 +500,8 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: l1work run [--mib M] [--threads T] [--rate-mib-s R] [--status PATH]\n"
-		"                  [--result PATH] [--pidfile PATH]\n"
+		"                  [--result PATH] [--pidfile PATH] [--entropy N]\n"
+		"                  [--pattern seq|random|hot] [--hot-pct P] [--progress PATH]\n"
 		"       l1work verify --pidfile P --result F [--timeout S]\n"
 		"       l1work corrupt --pidfile P\n");
 }

@@ -587,20 +587,22 @@ class _ScenarioRun:
 def launch_l1(ctx: RunContext, name: str, workdir: Path, key: RunKey, *, cpu: str,
               mem_mib: int = 512, smp: int = 1, incoming: bool = False, mem_extra_kib: int = 0,
               qemu: QemuFacts | None = None, machine: str | None = None,
-              tcg_svm_log: Path | None = None) -> Machine:
+              tcg_svm_log: Path | None = None, extra_args: tuple[str, ...] = ()) -> Machine:
     """Start one L1 QEMU from the run's image (not waiting for boot); reap with shutdown().
 
     ``qemu``: the binary (default the run's own), started as the inventory says (module dir,
-    firmware dirs); ``machine``: its machine type (default that binary's newest q35)."""
+    firmware dirs); ``machine``: its machine type (default that binary's newest q35);
+    ``extra_args``: appended to QEMU's command line (e.g. a -global a study needs)."""
     return launch_config(l1_config(ctx, name, key, cpu=cpu, mem_mib=mem_mib, smp=smp,
                                    incoming=incoming, mem_extra_kib=mem_extra_kib, qemu=qemu,
-                                   machine=machine, tcg_svm_log=tcg_svm_log), workdir)
+                                   machine=machine, tcg_svm_log=tcg_svm_log,
+                                   extra_args=extra_args), workdir)
 
 
 def l1_config(ctx: RunContext, name: str, key: RunKey, *, cpu: str, mem_mib: int = 512,
               smp: int = 1, incoming: bool = False, mem_extra_kib: int = 0,
               qemu: QemuFacts | None = None, machine: str | None = None,
-              tcg_svm_log: Path | None = None) -> MachineConfig:
+              tcg_svm_log: Path | None = None, extra_args: tuple[str, ...] = ()) -> MachineConfig:
     """What one L1 QEMU of the run's image is (see launch_l1)."""
     q = qemu or ctx.host.qemu
     return MachineConfig(
@@ -609,7 +611,7 @@ def l1_config(ctx: RunContext, name: str, key: RunKey, *, cpu: str, mem_mib: int
         incoming=incoming,
         append=f"console=ttyS0 panic=-1 loglevel=6 {key.cmdline_arg}",
         machine=machine or machine_for(q), module_dir=q.module_dir,
-        firmware_dirs=q.firmware_dirs, tcg_svm_log=tcg_svm_log)
+        firmware_dirs=q.firmware_dirs, tcg_svm_log=tcg_svm_log, extra_args=extra_args)
 
 
 def launch_config(cfg: MachineConfig, workdir: Path) -> Machine:

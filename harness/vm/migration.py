@@ -21,7 +21,7 @@ TERMINAL = {"completed", "failed", "cancelled"}
 RECORDED_PARAMS = (
     "multifd-channels", "multifd-compression", "multifd-zlib-level", "multifd-zstd-level",
     "compress-threads", "decompress-threads", "compress-level", "compress-wait-thread",
-    "xbzrle-cache-size", "max-bandwidth", "downtime-limit",
+    "xbzrle-cache-size", "max-bandwidth", "downtime-limit", "avail-switchover-bandwidth",
     # QEMU 9.0+: how zero pages are found (a machine type's compat default: pc-q35-7.2 on 10.0
     # gives "legacy", pc-q35-10.0 "multifd"); left as the machine type says.
     "zero-page-detection", "tls-creds", "tls-hostname", "tls-authz",
@@ -57,6 +57,8 @@ class MigrationMode:
     transport: str = "tcp"
     max_bandwidth_mib: int = 0  # 0: effectively unlimited on loopback
     downtime_limit_ms: int | None = None  # None: QEMU's own default (300 ms)
+    # QEMU 9.1+: the bandwidth QEMU assumes for the switchover decision (0: what it measured).
+    avail_switchover_bandwidth_mib: int = 0
     tls: str = "none"
 
     def __post_init__(self) -> None:
@@ -69,7 +71,7 @@ class MigrationMode:
             raise UsageError(f"unknown transport '{self.transport}' (tcp or unix)")
         if self.channels < 1 or self.threads < 1 or self.decompress_threads < 1:
             raise UsageError("--channels and --threads must be at least 1")
-        if self.max_bandwidth_mib < 0:
+        if self.max_bandwidth_mib < 0 or self.avail_switchover_bandwidth_mib < 0:
             raise UsageError(f"--max-bandwidth-mib {self.max_bandwidth_mib} is negative (0: unthrottled)")
         if self.downtime_limit_ms is not None and not 1 <= self.downtime_limit_ms <= 2_000_000:
             # QEMU refuses downtime-limit past 2000 s; saying so here beats its QMP error later.
@@ -100,6 +102,8 @@ class MigrationMode:
         if self.downtime_limit_ms is not None:
             # The source decides when to stop the guest; the destination just keeps it in sync.
             params["downtime-limit"] = self.downtime_limit_ms
+        if self.avail_switchover_bandwidth_mib:
+            params["avail-switchover-bandwidth"] = self.avail_switchover_bandwidth_mib << 20
         if self.codec:
             params["multifd-channels"] = self.channels
             params["multifd-compression"] = self.codec
@@ -125,6 +129,9 @@ class MigrationMode:
         if self.codec and self.codec not in qemu.multifd_compression:
             return (f"this QEMU's multifd-compression offers "
                     f"{', '.join(sorted(qemu.multifd_compression))}, not {self.codec}")
+        if self.avail_switchover_bandwidth_mib and (
+                "avail-switchover-bandwidth" not in qemu.migration_parameters):
+            return "this QEMU's migration parameters lack 'avail-switchover-bandwidth' (9.1+)"
         need = {"x509": ("tls-creds", "tls-hostname", "tls-authz"), "psk": ("tls-creds",)}
         for param in need.get(self.tls, ()):
             if param not in qemu.migration_parameters:
@@ -187,33 +194,49 @@ def migrate(src: Machine, dst: Machine, mode: MigrationMode, uri: str,
             timeout: float = 120.0, on_started: Callable[[], None] | None = None,
             before_switchover: Callable[[], bool] | None = None, *,
             tls: TlsCredentials | None = None,
-            stall_timeout: float | None = None) -> MigrationOutcome:
+            stall_timeout: float | None = None,
+            dst_uri: str | None = None,
+            extra_caps: Mapping[str, bool] | None = None,
+            thread_names: bool = True) -> MigrationOutcome:
     """Run one migration to a terminal state (or timeout, or stall), then see whether dst took it.
 
     A uri with port 0 ("tcp:ADDR:0") lets the destination's kernel pick the port (no race).
     With tls, the destination was started with tls.dst_args(); the source's client
     credentials are added here. With stall_timeout, a migration whose byte count has not moved
     for that long is cancelled (TCP alone would retry for ~15 min on a dead link).
+    ``dst_uri``: where the destination listens when the stream passes something in between (a
+    counting relay, vm/wire.py; the source then sends to ``uri``; default: both ``uri``).
+    ``extra_caps`` are set on both sides besides the mode's (e.g. another mode's turned off on
+    a QEMU that migrated before). ``thread_names`` False: a caller that samples the threads
+    itself (vm/threadcpu.py) spares this function's own 20 ms name sampler.
     on_started runs right after the source was told to migrate (where a fault can act).
     before_switchover: the source pauses before switchover (pause-before-switchover, with its
     vCPUs stopped) and this decides: True continues, False cancels (the source runs on, the
     destination's load fails). The migration threads both sides show are sampled throughout.
     """
     out = MigrationOutcome(status="setup")
-    src_caps = {"pause-before-switchover": True} if before_switchover else None
+    src_caps = {**(extra_caps or {}),
+                **({"pause-before-switchover": True} if before_switchover else {})}
     src_params: dict[str, Any] = {}
     if tls is not None:
         obj = tls.src_object()
         src.qmp("object-add", **obj)
         src_params = tls.src_params(obj["id"])
-    out.settings = {"dst": configure(dst, mode, "dst",
+    out.settings = {"dst": configure(dst, mode, "dst", extra_caps=extra_caps,
                                      extra_params=tls.dst_params() if tls else None),
                     "src": configure(src, mode, "src", extra_caps=src_caps,
                                      extra_params=src_params)}
     dst_seen = len(dst.error_lines())
-    dst.qmp("migrate-incoming", uri=uri)
-    out.uri = uri = listening_uri(dst, uri)
-    sampler = _ThreadSampler({"src": src, "dst": dst})
+    dst.qmp("migrate-incoming", uri=dst_uri or uri)
+    out.uri = listening_uri(dst, dst_uri or uri)
+    if dst_uri is None:
+        uri = out.uri
+    # A source that was a destination before (a study's ping-pong) holds that migration's
+    # events: "completed" among them would end this wait before it began.
+    for ev in src.events_seen:
+        if ev.get("event") in ("MIGRATION", "MIGRATION_PASS"):
+            ev["_consumed"] = True
+    sampler = _ThreadSampler({"src": src, "dst": dst}) if thread_names else None
     t0 = time.monotonic()
     src.qmp("migrate", uri=uri)
     if on_started is not None:
@@ -234,7 +257,7 @@ def migrate(src: Machine, dst: Machine, mode: MigrationMode, uri: str,
         if reached in ("timeout", "stalled"):
             out.status, out.error, out.cancel_ms = reached, why, ms
     finally:
-        out.threads = sampler.stop()
+        out.threads = sampler.stop() if sampler is not None else {}
     out.seconds = round(time.monotonic() - t0, 3)
     try:
         info = src.qmp("query-migrate")

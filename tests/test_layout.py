@@ -23,7 +23,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("vm",),
     ("scenario",),
     ("results",),
-    ("vmexit", "selftests"),
+    ("vmexit", "selftests", "bench"),
     ("matrix",),
     ("runners",),
 )

@@ -1,4 +1,4 @@
-"""`nestvirt` command line: doctor, list, run, vmexit. A thin adapter over probe, guests and the engines."""
+"""`nestvirt` command line: doctor, list, run, vmexit, selftest, bench. A thin adapter over the engines."""
 
 from __future__ import annotations
 
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_options(r)
     add_commands(sub)
+    from harness.bench.command import add_command as add_bench_command
+
+    add_bench_command(sub)
     return p
 
 
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return {"doctor": cmd_doctor, "qemu": cmd_qemu, "list": cmd_list, "run": cmd_run,
                 "vmexit": cmd_vmexit, "selftest": cmd_selftest, "matrix": cmd_matrix,
-                "report": cmd_report}[args.cmd](args)
+                "report": cmd_report, "bench": cmd_bench}[args.cmd](args)
     except (UsageError, SetupError) as e:
         print(f"nestvirt: error: {e}", file=sys.stderr)
         return 2
@@ -353,6 +356,12 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     from harness.matrix.batch import cmd_matrix as run_matrix_command
 
     return run_matrix_command(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness.bench.command import cmd_bench as run_bench_command
+
+    return run_bench_command(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

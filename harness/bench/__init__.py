@@ -1,0 +1,1 @@
+"""Performance studies of migration on the nested stack (`nestvirt bench compression`)."""

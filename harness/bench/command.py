@@ -31,9 +31,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--modes", help=f"comma-separated, of {', '.join(STUDY_MODES)} (default: all)")
     b.add_argument("--threads", help="threads/channels to sweep, e.g. 1,2,4 (default 1,2,4)")
     b.add_argument("--levels", help="compression levels to sweep (default: QEMU's own)")
-    b.add_argument("--level-via", choices=("auto", "qmp", "global"), default="auto",
+    b.add_argument("--level-via", choices=("auto", "qmp", "global", "both"), default="auto",
                    help="how a multifd level reaches QEMU: auto = -global on QEMU before 9.0 (which "
-                        "ignores the QMP one), QMP otherwise")
+                        "ignores the QMP one), QMP otherwise; both = a point each way")
     b.add_argument("--bandwidth-mib", help="max-bandwidth limits in MiB/s to sweep (0: none)")
     b.add_argument("--switchover-bw-mib", help="avail-switchover-bandwidth values (9.1+; 0: unset)")
     b.add_argument("--entropy", help="workload compressibility to sweep: pages compress about Nx (default 2)")

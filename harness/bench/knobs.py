@@ -96,7 +96,7 @@ def check_level(summaries: Sequence[Mapping[str, Any]]) -> list[KnobCheck]:
             continue
         spread = _rel(max(ratios), min(ratios))  # type: ignore[type-var]
         ok = spread >= SAME
-        vias = sorted({s["point"].get("level_via", "qmp") for s in group})
+        vias = sorted({s["point"].get("level_via") or "qmp" for s in group})
         how = f" (set via {'/'.join(vias)})"
         out.append(KnobCheck(
             "level", _where(key), values, tuple(round(r, 3) for r in ratios), ok,  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ STUDY_MODES = ("none", "multifd-zlib", "multifd-zstd", "compress", "compress-now
 # compresses at the default anyway (FACTS 2026-12); `-global migration.multifd-X-level=N` on the
 # source's command line is applied.
 QMP_LEVEL_APPLIED = (9, 0, 0)
-LEVEL_VIA = ("auto", "qmp", "global")
+LEVEL_VIA = ("auto", "qmp", "global", "both")  # both: a point each way (shows the QMP one ignored)
 TCG_LABEL = ("emulated (TCG): every figure is of QEMU emulating the guest CPU on this host, "
              "not of a hardware-accelerated guest")
 
@@ -90,6 +90,7 @@ class Point:
                 "level": m.level, "bandwidth_mib": m.max_bandwidth_mib,
                 "switchover_bw_mib": m.avail_switchover_bandwidth_mib,
                 "xbzrle_cache_mib": m.xbzrle_cache_mib if m.compression == "xbzrle" else None,
+                "level_via": self.level_via if m.level is not None and m.codec else None,
                 "workload": self.workload.key}
 
     @property
@@ -192,6 +193,16 @@ def _mode(study_mode: str, threads: int, level: int | None, bw: int, sw: int,
                          downtime_limit_ms=axes.downtime_limit_ms)
 
 
+def _vias(mode: MigrationMode, q: QemuFacts, level_via: str) -> tuple[str, ...]:
+    if not mode.codec or mode.level is None:
+        return ("qmp",)
+    if level_via == "both":
+        return ("qmp", "global")
+    if level_via == "auto":
+        return ("global",) if q.version_tuple < QMP_LEVEL_APPLIED else ("qmp",)
+    return (level_via,)
+
+
 def expand(axes: Axes, qemus: Sequence[QemuFacts]) -> Plan:
     """Every point of the sweep on every binary that has its mode; the rest pruned with why.
 
@@ -214,21 +225,16 @@ def expand(axes: Axes, qemus: Sequence[QemuFacts]) -> Plan:
                                 except UsageError as e:
                                     plan.pruned.append(Pruned(f"{q.version}/{sm}/l{lv}", str(e)))
                                     continue
-                                via = "qmp"
-                                if mode.codec and lv is not None:
-                                    via = axes.level_via
-                                    if via == "auto":
-                                        via = ("global" if q.version_tuple < QMP_LEVEL_APPLIED
-                                               else "qmp")
-                                p = Point(mode, w, q.binary, q.label, q.version, via)
-                                if p.id in seen:
-                                    continue
-                                seen.add(p.id)
-                                why = mode.unsupported_reason(q)
-                                if why:
-                                    plan.pruned.append(Pruned(p.id, f"{why} (QEMU {q.label})"))
-                                else:
-                                    plan.points.append(p)
+                                for via in _vias(mode, q, axes.level_via):
+                                    p = Point(mode, w, q.binary, q.label, q.version, via)
+                                    if p.id in seen:
+                                        continue
+                                    seen.add(p.id)
+                                    why = mode.unsupported_reason(q)
+                                    if why:
+                                        plan.pruned.append(Pruned(p.id, f"{why} (QEMU {q.label})"))
+                                    else:
+                                        plan.points.append(p)
     return plan
 
 

@@ -107,6 +107,25 @@ def progress_rate(samples: list[tuple[float, int]], t0: float, t1: float) -> flo
     return (at(t1) - at(t0)) / (t1 - t0)
 
 
+def event_span_ms(events: list[dict]) -> float | None:
+    """From the last MIGRATION "setup" event to the "completed" one after it, by QEMU's own
+    event timestamps: the migration's length without query-migrate (a cross-check of it)."""
+    def ts(e: dict) -> float:
+        t = e.get("timestamp") or {}
+        return float(t.get("seconds", 0)) + float(t.get("microseconds", 0)) / 1e6
+
+    setup = done = None
+    for e in events:
+        status = (e.get("data") or {}).get("status")
+        if e.get("event") != "MIGRATION":
+            continue
+        if status == "setup":
+            setup, done = ts(e), None
+        elif status == "completed" and setup is not None:
+            done = ts(e)
+    return round((done - setup) * 1000, 1) if setup is not None and done is not None else None
+
+
 def parse_progress(text: str) -> list[tuple[float, int]]:
     out = []
     for line in text.splitlines():
@@ -260,6 +279,7 @@ class _Chain:
         rec.converged = out.status == "completed"
         rec.stats = summarize_stats(out.stats)
         rec.stats["settings"] = out.settings
+        rec.stats["event_total_ms"] = event_span_ms(src.events_seen)
         rec.wire = wire.to_json()
         t0 = t_mig[0] if t_mig else h0
         total_s = (rec.stats.get("total_time_ms") or out.seconds * 1000) / 1000

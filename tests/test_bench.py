@@ -357,6 +357,14 @@ def test_bandwidth_check_fires_when_the_stream_exceeds_its_limit():
     assert not knobs.check_bandwidth([_summary("none", None, None, 1, bw=32, wire=90 * 2**20)])[0].took_effect
 
 
+def test_xbzrle_check_fires_when_no_page_went_as_a_delta():
+    idle = _summary("xbzrle", None, None, 1.0)
+    idle["figures"]["xbzrle_pages"] = {"median": 0, "min": 0, "max": 0, "n": 3}
+    assert not knobs.check_xbzrle([idle])[0].took_effect
+    idle["figures"]["xbzrle_pages"] = {"median": 812, "min": 700, "max": 900, "n": 3}
+    assert knobs.check_xbzrle([idle])[0].took_effect
+
+
 def test_a_knob_that_did_not_take_effect_fails_its_point_in_the_common_schema(host: HostFacts):
     doc = {"points": [_summary("multifd-zstd", 4, None, 2.0, workers=2)], "accel": "tcg", "bound_s": 60}
     doc["points"][0]["point"].update(qemu="/q", qemu_version="7.2.22", mode={"compression": "multifd-zstd"})

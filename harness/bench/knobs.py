@@ -145,6 +145,26 @@ def check_bandwidth(summaries: Sequence[Mapping[str, Any]]) -> list[KnobCheck]:
     return out
 
 
+def check_xbzrle(summaries: Sequence[Mapping[str, Any]]) -> list[KnobCheck]:
+    """xbzrle must encode pages from its cache; none encoded means the mode changed nothing
+    (a migration that converged before any page was sent twice, or deltas that never fit)."""
+    out = []
+    for s in summaries:
+        if s["point"]["knobs"]["mode"] != "xbzrle":
+            continue
+        pages = median_of(s, "xbzrle_pages")
+        if pages is None:
+            continue
+        ok = pages > 0
+        overflow = median_of(s, "xbzrle_overflow") or 0
+        out.append(KnobCheck(
+            "xbzrle", s["id"], (s["point"]["knobs"].get("xbzrle_cache_mib"),), (pages,), ok,
+            f"{pages:.0f} page(s) sent as xbzrle deltas (median), {overflow:.0f} overflow(s)" if ok else
+            f"no page was sent as an xbzrle delta ({overflow:.0f} overflows): the migration ended before "
+            "dirty pages were sent a second time from the cache, so this point is plain precopy"))
+    return out
+
+
 def check_all(summaries: Sequence[Mapping[str, Any]]) -> list[KnobCheck]:
     return (check_threads(summaries) + check_level(summaries) + check_wait_thread(summaries)
-            + check_bandwidth(summaries))
+            + check_bandwidth(summaries) + check_xbzrle(summaries))

@@ -255,9 +255,8 @@ class _Chain:
         quiet = self.quiet_since + BEFORE_WINDOW_S + 0.2 - time.monotonic()
         if quiet > 0:
             time.sleep(quiet)
-        h_a = time.monotonic()
-        g0 = self._status()
-        h0 = (h_a + time.monotonic()) / 2
+        off0 = self._clock_offset()
+        h0 = time.monotonic()
         dst_port = free_port()
         t_mig: list[float] = []
 
@@ -282,7 +281,8 @@ class _Chain:
         rec.stats["event_total_ms"] = event_span_ms(src.events_seen)
         rec.wire = wire.to_json()
         t0 = t_mig[0] if t_mig else h0
-        total_s = (rec.stats.get("total_time_ms") or out.seconds * 1000) / 1000
+        total_s = (rec.stats.get("total_time_ms") or rec.stats.get("event_total_ms")
+                   or out.seconds * 1000) / 1000
         t1 = t0 + total_s
         for side in ("src", "dst"):
             threads = sampler.window(side, t0, t1)
@@ -303,23 +303,36 @@ class _Chain:
             if not src.alive():
                 raise StepTimeout(f"the source QEMU is gone after a {out.status} migration: "
                                   f"{src.error_summary()}")
-        self._guest(rec, g0, h0, t0, total_s)
+        self._guest(rec, off0, h0, t0, t1)
         return rec
 
-    def _guest(self, rec: RunRecord, g0: dict[str, Any], h0: float, t0: float,
-               total_s: float) -> None:
+    def _clock_offset(self) -> float | None:
+        """L1's clock minus ours, now (mid-point of the read): maps host times into L1's."""
+        assert self.shell is not None
+        a = time.monotonic()
+        r = self.shell.run("cat /proc/uptime", 10)
+        b = time.monotonic()
+        try:
+            return float(r.out.split()[0]) - (a + b) / 2
+        except (ValueError, IndexError):
+            return None
+
+    def _guest(self, rec: RunRecord, off0: float | None, h0: float, t0: float, t1: float) -> None:
         """The guest's write rate before and during the migration (its own clock), and its
         pattern verified on whichever machine runs it now."""
         assert self.shell is not None
-        g_t = g0.get("t")
-        if not isinstance(g_t, (int, float)):
-            rec.guest = {"error": "no l1work status before migrating"}
+        # The offset is taken again afterwards: L1's clock stands still while it is stopped
+        # (the downtime, and longer on a loaded host), so the migration's end maps with it.
+        off1 = self._clock_offset()
+        if off0 is None or off1 is None:
+            rec.guest = {"error": "L1's clock could not be read"}
             return
-        start = g_t + (t0 - h0)  # host -> guest clock: the offset seen when reading the status
-        text = self.shell.run(f"awk '$1 >= {g_t - BEFORE_WINDOW_S - 1:.3f}' {PROGRESS}", 15).out
+        g_before = h0 + off0
+        start, end = t0 + off0, t1 + off1
+        text = self.shell.run(f"awk '$1 >= {g_before - BEFORE_WINDOW_S - 1:.3f}' {PROGRESS}", 15).out
         samples = parse_progress(text)
-        before = progress_rate(samples, g_t - BEFORE_WINDOW_S, g_t)
-        during = progress_rate(samples, start, start + total_s)
+        before = progress_rate(samples, g_before - BEFORE_WINDOW_S, g_before)
+        during = progress_rate(samples, start, max(end, start + 0.01))
         v = self.shell.run("l1work verify --pidfile /run/l1work.pid --result /run/l1work.verify "
                            "--timeout 15", 25)
         self.quiet_since = time.monotonic()
@@ -332,7 +345,9 @@ class _Chain:
             "rate_during_mib_s": None if during is None else round(during / 2**20, 3),
             "during_vs_before": (round(during / before, 3) if before and during is not None
                                  else None),
-            "window_s": round(total_s, 3), "verify_ok": bool(verify.get("ok")),
+            "window_s": round(t1 - t0, 3), "guest_clock_lost_s": round(off0 - off1, 3),
+            "samples": [samples[0][0], samples[-1][0]] if samples else [],
+            "verify_ok": bool(verify.get("ok")),
             "verify": {k: verify.get(k) for k in ("ok", "bad_pages", "first_bad", "error")
                        if k in verify}}
 

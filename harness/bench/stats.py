@@ -39,7 +39,8 @@ def run_figures(run: Mapping[str, Any]) -> dict[str, Any]:
     total_ms = s.get("total_time_ms") or s.get("event_total_ms")
     payload = payload_bytes(s)
     out: dict[str, Any] = {
-        "total_time_ms": total_ms, "event_total_ms": s.get("event_total_ms"), "downtime_ms": s.get("downtime_ms"),
+        "total_time_ms": total_ms, "event_total_ms": s.get("event_total_ms"),
+        "downtime_ms": s.get("downtime_ms"),
         "setup_time_ms": s.get("setup_time_ms"), "pages_per_second": s.get("ram_pages_per_second"),
         "mbps": s.get("ram_mbps"), "dirty_sync_count": s.get("ram_dirty_sync_count"),
         "qemu_transferred": s.get("ram_transferred"),

@@ -17,7 +17,6 @@ import time
 from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -104,18 +103,35 @@ class ThreadCpu:
         return {"tid": self.tid, "name": self.name, "kind": self.kind, "cpu_s": round(self.cpu_s, 4)}
 
 
-def read_schedstat_ns(path: Path) -> int | None:
+_NAME_READS = 4
+
+
+def _read_text(path: str) -> str | None:
+    # os.open/os.read: a sampler round is a few dozen of these, Path.read_text costs twice as much
     try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 256).decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_first_int(path: str) -> int | None:
+    text = _read_text(path)
+    try:
+        return int(text.split()[0]) if text else None
+    except (ValueError, IndexError):
         return None
 
 
 def read_process_ticks(pid: int) -> int | None:
     """utime + stime of a process, dead threads included (fields 14 and 15 of /proc/PID/stat)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    text = _read_text(f"/proc/{pid}/stat")
+    if text is None:
         return None
     rest = text[text.rfind(")") + 2:].split()  # comm may hold spaces and parentheses
     return int(rest[11]) + int(rest[12])
@@ -144,23 +160,26 @@ class ThreadCpuSampler:
                 continue  # the process is gone: its series ends here
             ps.t.append(now)
             ps.ticks.append(ticks)
+            task = f"/proc/{ps.pid}/task"
             try:
-                tids = [int(p.name) for p in Path(f"/proc/{ps.pid}/task").iterdir()]
+                tids = os.listdir(task)
             except OSError:
                 continue
-            for tid in tids:
-                base = Path(f"/proc/{ps.pid}/task/{tid}")
-                ns = read_schedstat_ns(base / "schedstat")
+            for name_ in tids:
+                tid = int(name_)
+                ns = _read_first_int(f"{task}/{name_}/schedstat")
                 if ns is None:
                     continue  # exited while we looked
-                try:
-                    name = (base / "comm").read_text().strip()
-                except OSError:
-                    continue
                 th = ps.threads.get(tid)
                 if th is None:
-                    th = ps.threads[tid] = ThreadSeries(tid, name, born_during=self.rounds > 0)
-                th.name = name  # a new thread is named just after it starts: keep the last
+                    th = ps.threads[tid] = ThreadSeries(tid, "", born_during=self.rounds > 0)
+                if len(th.t) < _NAME_READS:
+                    # A new thread names itself just after it starts: read comm a few times,
+                    # then no more (half of a round's reads otherwise).
+                    comm = _read_text(f"{task}/{name_}/comm")
+                    if comm is None:
+                        continue
+                    th.name = comm.strip()
                 th.t.append(now)
                 th.ns.append(ns)
         self.rounds += 1

@@ -6,7 +6,8 @@ QEMU, guest, workload and mode, rounds alternated. Prints QEMU's own total-time 
 pages-per-second medians for both, their ratio, and what the harness's samplers cost (thread
 sampler CPU share of one core, relay CPU seconds). Never asserts on timing.
 
-    python ci/bench_overhead.py [--rounds 5] [--mode multifd-zstd] [--qemu 10.0] [--json OUT]
+    python ci/bench_overhead.py [--rounds 5] [--mode multifd-zstd] [--bandwidth-mib 0]
+                                [--qemu 10.0] [--json OUT]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -26,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from harness.bench.plan import Axes, Workload  # noqa: E402
 from harness.bench.study import StudyOptions, run_study  # noqa: E402
+from harness.core import proc  # noqa: E402
 from harness.guest.image import build_l1, build_tools  # noqa: E402
 from harness.guest.kernel import find_kernel  # noqa: E402
 from harness.host.probe import firmware_args, launch_env  # noqa: E402
@@ -53,13 +56,19 @@ def one_bare(q, image, mode: MigrationMode, out: Path) -> dict:
     append = f"console=ttyS0 panic=-1 loglevel=6 nestvirt.sshkey={key.get_name()}:{key.get_base64()}"
     sock = Path(tempfile.mkdtemp(prefix="nvover-"))
     procs: list[subprocess.Popen] = []
+    monitors: list = []
     t0 = time.monotonic()
 
-    def until(pred, what: str, limit: float = 240.0) -> None:
-        while not pred():
+    def until(pred, what: str, limit: float = 240.0, every: float = 0.05) -> None:
+        while True:
+            try:
+                if pred():
+                    return
+            except (OSError, EOFError, ValueError, paramiko.SSHException):
+                pass  # dropbear refusing a channel for a moment under load: ask again
             if time.monotonic() - t0 > limit:
                 raise RuntimeError(f"timed out waiting for {what}")
-            time.sleep(0.05)
+            time.sleep(every)
 
     def qemu(name: str, incoming: bool):
         port = free_port()
@@ -84,6 +93,7 @@ def one_bare(q, image, mode: MigrationMode, out: Path) -> dict:
                 break
             except Exception:  # noqa: BLE001 - not listening yet
                 time.sleep(0.02)
+        monitors.append(m)
         return m, port
 
     try:
@@ -106,7 +116,7 @@ def one_bare(q, image, mode: MigrationMode, out: Path) -> dict:
             return text
 
         sh(f"setsid l1work run {WORKLOAD.l1work_args()} --status /run/w.st >/dev/null 2>&1 </dev/null &")
-        until(lambda: '"running"' in sh("cat /run/w.st 2>/dev/null"), "l1work running")
+        until(lambda: '"running"' in sh("cat /run/w.st 2>/dev/null"), "l1work running", every=0.3)
         time.sleep(1.2)  # as the harness: a quiet second of workload before migrating
         dst, _ = qemu("dst", True)
         mport = free_port()
@@ -123,13 +133,19 @@ def one_bare(q, image, mode: MigrationMode, out: Path) -> dict:
                 "pages_per_second": info.get("ram", {}).get("pages-per-second"),
                 "load": os.getloadavg()[0]}
     finally:
+        for m in monitors:
+            try:
+                m.close()
+            except Exception:  # noqa: BLE001 - a QEMU that already went: nothing to close
+                pass
         for p in procs:
             p.kill()
             p.wait(timeout=10)
 
 
-def one_harness(ctx: RunContext, q, mode_name: str, channels: int) -> dict:
-    axes = Axes(modes=(mode_name,), threads=(channels,), repeat=1, workloads=(WORKLOAD,))
+def one_harness(ctx: RunContext, q, mode_name: str, channels: int, bandwidth_mib: int) -> dict:
+    axes = Axes(modes=(mode_name,), threads=(channels,), repeat=1, workloads=(WORKLOAD,),
+                bandwidth_mib=(bandwidth_mib,))
     doc = run_study(ctx, StudyOptions(axes=axes, qemus=(q,), seed=0, bound_s=120, warmup=False))
     [run] = [r for c in doc["chains"] for r in c["runs"]]
     return {"status": run["status"], "total_time_ms": run["stats"].get("total_time_ms"),
@@ -138,24 +154,43 @@ def one_harness(ctx: RunContext, q, mode_name: str, channels: int) -> dict:
             "load": run["load"][0]}
 
 
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through every finally: each QEMU started here is killed
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return _main()
+    finally:
+        proc.reap_all()  # the harness side's QEMUs
+
+
+def _main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--mode", default="multifd-zstd")
     ap.add_argument("--channels", type=int, default=2)
+    ap.add_argument("--bandwidth-mib", type=int, default=0,
+                    help="max-bandwidth for both sides (0: none); a throttled stream's time depends "
+                         "on QEMU's own pacing more than on a loaded host's CPU")
     ap.add_argument("--qemu", help="binary selector (default: the inventory's newest)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     facts = probe_host("tcg")
     q = select(facts.qemus, a.qemu) if a.qemu else facts.qemu
     image = build_l1(find_kernel(), build_tools())
-    mode = MigrationMode(compression=a.mode, channels=a.channels)
+    mode = MigrationMode(compression=a.mode, channels=a.channels, max_bandwidth_mib=a.bandwidth_mib)
     runs: dict[str, list[dict]] = {"bare": [], "harness": []}
     for i in range(a.rounds):
         for side in (("bare", "harness") if i % 2 == 0 else ("harness", "bare")):
             out = Path(tempfile.mkdtemp(prefix=f"nvover-{side}-"))
-            r = (one_bare(q, image, mode, out) if side == "bare" else
-                 one_harness(RunContext(host=facts, image=image, out=out), q, a.mode, a.channels))
+            try:
+                r = (one_bare(q, image, mode, out) if side == "bare" else
+                     one_harness(RunContext(host=facts, image=image, out=out), q, a.mode, a.channels,
+                                 a.bandwidth_mib))
+            except Exception as e:  # noqa: BLE001 - one lost round is reported, the rest goes on
+                r = {"status": "error", "error": repr(e)[:300], "load": os.getloadavg()[0]}
             runs[side].append(r)
             print(f"round {i + 1} {side}: {r}", file=sys.stderr, flush=True)
 
@@ -164,6 +199,7 @@ def main() -> int:
         return statistics.median(xs) if xs else None
 
     summary: dict = {"qemu": q.version, "mode": a.mode, "channels": a.channels, "rounds": a.rounds,
+                     "bandwidth_mib": a.bandwidth_mib,
                      "workload": WORKLOAD.key, "label": "emulated (TCG)", "runs": runs}
     for key in ("total_time_ms", "pages_per_second"):
         b, h = med("bare", key), med("harness", key)

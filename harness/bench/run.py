@@ -269,7 +269,8 @@ class _Chain:
             sampler = ThreadCpuSampler({"src": src.pid or 0, "dst": dst.pid or 0}, SAMPLE_S)
             try:
                 out = migrate(src, dst, point.mode, relay.uri, self.timeout, on_started=started,
-                              dst_uri=f"tcp:127.0.0.1:{dst_port}", extra_caps=off)
+                              dst_uri=f"tcp:127.0.0.1:{dst_port}", extra_caps=off,
+                              thread_names=False)
             finally:
                 relay.wait_idle(5.0)
                 sampler.stop()

@@ -151,18 +151,22 @@ def convergence_table(summaries: Sequence[Mapping[str, Any]], bound_s: float) ->
 
 
 def dirty_rate_table(chains: Sequence[Mapping[str, Any]]) -> Table:
-    head = ["qemu", "workload", "before migration MiB/s", "during migration MiB/s"]
+    head = ["qemu", "workload", "before migration MiB/s", "during migration MiB/s", "that migration took"]
     rows = []
     for c in chains:
-        during = next((r.get("dirty_rate") for r in c["runs"] if r.get("repeat", 0) < 0), None)
+        warm = next((r for r in c["runs"] if r.get("repeat", 0) < 0), None) or {}
+        during = warm.get("dirty_rate")
+        took = (warm.get("stats") or {}).get("total_time_ms")
 
         def v(d: Mapping[str, Any] | None) -> str:
             if not d:
                 return "-"
             return str(d.get("dirty_rate_mib_s", d.get("error", "-")))
 
-        rows.append([c["qemu"], c["workload"], v(c.get("dirty_rate_before")), v(during)])
-    return ("calc-dirty-rate (page-sampling, 1 s) before and during migration (the chain's warm-up run)",
+        rows.append([c["qemu"], c["workload"], v(c.get("dirty_rate_before")), v(during),
+                     f"{took / 1000:.1f} s" if isinstance(took, (int, float)) else "-"])
+    return ("calc-dirty-rate (page-sampling, 1 s) before and during migration (the chain's warm-up run; "
+            "a migration shorter than 1 s leaves the rest of the window with the source stopped)",
             head, rows)
 
 

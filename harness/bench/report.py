@@ -46,7 +46,7 @@ def plots(study: Mapping[str, Any]) -> list[tuple[str, str]]:
     label = " (TCG: emulated)" if study.get("accel") != "kvm" else ""
     out: list[tuple[str, str]] = []
     for pid, key, title, unit in (("throughput", "wire_mib_s", "Throughput on the wire vs threads", "MiB/s"),
-                                  ("pps", "pages_per_second", "Pages per second vs threads", "pages/s")):
+                                  ("pps", "payload_pages_s", "Pages per second (whole run) vs threads", "pages/s")):
         series = _series(points, key)
         if not series:
             continue

@@ -46,6 +46,8 @@ def run_figures(run: Mapping[str, Any]) -> dict[str, Any]:
         "qemu_transferred": s.get("ram_transferred"),
         "wire_bytes": wire or None, "payload_bytes": payload or None,
         "wire_mib_s": (wire / 2**20 / (total_ms / 1000)) if wire and total_ms else None,
+        # QEMU's pages-per-second is the last iteration's rate; this one is the whole run's.
+        "payload_pages_s": (payload / PAGE / (total_ms / 1000)) if payload and total_ms else None,
         "ratio": (payload / wire) if wire and payload else None,
         "compress_busy": s.get("compression_busy"), "compress_busy_rate": s.get("compression_busy_rate"),
         "compress_rate": s.get("compression_compression_rate"),

@@ -38,17 +38,18 @@ def _label(s: Mapping[str, Any]) -> str:
 
 
 def summary_table(summaries: Sequence[Mapping[str, Any]]) -> Table:
-    head = ["qemu", "point", "conv", "total ms", "downtime ms", "setup ms", "pages/s", "mbps",
+    head = ["qemu", "point", "conv", "total ms", "downtime ms", "setup ms", "pages/s", "run pages/s", "mbps",
             "syncs", "wire MiB", "wire MiB/s", "ratio", "src CPU-s/GiB", "dst CPU-s/GiB",
             "guest during/before"]
     rows = [[s["point"]["qemu_version"], _label(s), _conv(s), _f(s, "total_time_ms"),
              _f(s, "downtime_ms"), _f(s, "setup_time_ms"), _f(s, "pages_per_second"),
-             _f(s, "mbps"), _f(s, "dirty_sync_count", spread=False),
+             _f(s, "payload_pages_s"), _f(s, "mbps"), _f(s, "dirty_sync_count", spread=False),
              _f({"figures": {"x": _scaled(s, "wire_bytes", 2**-20)}}, "x", "{:.1f}", False),
              _f(s, "wire_mib_s", "{:.0f}"), _f(s, "ratio", "{:.2f}"),
              _f(s, "src_cpu_s_per_gib", "{:.2f}", False), _f(s, "dst_cpu_s_per_gib", "{:.2f}", False),
              _f(s, "guest_during_vs_before", "{:.2f}")] for s in summaries]
-    return ("Per point: median [min-max] over the converged runs", head, rows)
+    return ("Per point: median [min-max] over the converged runs (pages/s: QEMU's, its last iteration's "
+            "rate; run pages/s: pages sent with content over the whole migration)", head, rows)
 
 
 def _scaled(s: Mapping[str, Any], key: str, k: float) -> dict[str, float] | None:
@@ -60,7 +61,7 @@ def _scaled(s: Mapping[str, Any], key: str, k: float) -> dict[str, float] | None
 def threads_table(summaries: Sequence[Mapping[str, Any]]) -> Table:
     """The lockless-multithread study's shape: per mode and thread count."""
     head = ["qemu", "mode", "threads", "main-thread CPU s", "per-thread CPU s (min-max)",
-            "dst per-thread CPU s", "total ms", "busy ratio", "QEMU busy-rate", "pages/s"]
+            "dst per-thread CPU s", "total ms", "busy ratio", "QEMU busy-rate", "pages/s", "run pages/s"]
     rows = []
     for s in sorted(summaries, key=lambda s: (s["point"]["qemu_version"], s["point"]["knobs"]["mode"],
                                               s["point"]["knobs"].get("threads") or 0)):
@@ -75,14 +76,14 @@ def threads_table(summaries: Sequence[Mapping[str, Any]]) -> Table:
         rows.append([k["qemu"], _label(s).split(" t")[0], str(k["threads"]),
                      _f(s, "src_migthread_cpu_s", "{:.3f}"), rng, drng, _f(s, "total_time_ms"),
                      _f(s, "src_worker_busy", "{:.2f}", False), _f(s, "compress_busy_rate", "{:.2f}", False),
-                     _f(s, "pages_per_second")])
+                     _f(s, "pages_per_second"), _f(s, "payload_pages_s")])
     return ("Threads/channels: CPU of the migration thread and of each worker, time, busy ratio "
             "(worker CPU / (threads x total time))", head, rows)
 
 
 def wait_table(summaries: Sequence[Mapping[str, Any]]) -> Table:
     head = ["qemu", "threads", "bandwidth limit", "wait-thread", "used MiB/s (wire)", "pages/s",
-            "busy", "busy-rate", "total ms", "ratio"]
+            "run pages/s", "busy", "busy-rate", "total ms", "ratio"]
     rows = []
     for s in sorted(summaries, key=lambda s: (s["point"]["qemu_version"],
                                               s["point"]["knobs"].get("threads") or 0,
@@ -93,7 +94,8 @@ def wait_table(summaries: Sequence[Mapping[str, Any]]) -> Table:
             continue
         rows.append([k["qemu"], str(k["threads"]), f"{k['bandwidth_mib']} MiB/s" if k["bandwidth_mib"]
                      else "none", "on" if k["mode"] == "compress" else "off",
-                     _f(s, "wire_mib_s"), _f(s, "pages_per_second"), _f(s, "compress_busy"),
+                     _f(s, "wire_mib_s"), _f(s, "pages_per_second"), _f(s, "payload_pages_s"),
+                     _f(s, "compress_busy"),
                      _f(s, "compress_busy_rate", "{:.2f}"), _f(s, "total_time_ms"), _f(s, "ratio", "{:.2f}")])
     return ("Legacy compress: wait-thread on/off -> used bandwidth, pages/s", head, rows)
 

@@ -47,6 +47,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--bound-s", type=float, default=60.0,
                    help="a migration not done by then is cancelled and reported not converged")
     b.add_argument("--downtime-limit-ms", type=int)
+    b.add_argument("--l2", action="store_true",
+                   help="run L2's page counter in L1's KVM during the migrations (under TCG a stop in "
+                        "guest mode is refused by the destination: such a run counts as refused)")
     b.add_argument("--qemu", action="append", default=[], metavar="NAME|PATH",
                    help="binaries to study (repeatable; default: every one of the inventory)")
     b.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
@@ -93,7 +96,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     facts = probe_host(a.accel, None, extra=tuple(x for x in a.qemu if "/" in x))
     qemus = tuple(select(facts.qemus, s) for s in a.qemu) if a.qemu else facts.qemus
     seed = a.seed if a.seed is not None else random.randrange(1 << 30)
-    opts = StudyOptions(axes=axes, qemus=qemus, seed=seed, bound_s=a.bound_s, quick=a.quick)
+    opts = StudyOptions(axes=axes, qemus=qemus, seed=seed, bound_s=a.bound_s, quick=a.quick, l2=a.l2)
     plan = plan_study(opts)
     if a.dry_run:
         for p in plan.points:

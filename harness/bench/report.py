@@ -45,8 +45,9 @@ def plots(study: Mapping[str, Any]) -> list[tuple[str, str]]:
     points = study["points"]
     label = " (TCG: emulated)" if study.get("accel") != "kvm" else ""
     out: list[tuple[str, str]] = []
-    for pid, key, title, unit in (("throughput", "wire_mib_s", "Throughput on the wire vs threads", "MiB/s"),
-                                  ("pps", "payload_pages_s", "Pages per second (whole run) vs threads", "pages/s")):
+    for pid, key, title, unit in (
+            ("throughput", "wire_mib_s", "Throughput on the wire vs threads", "MiB/s"),
+            ("pps", "payload_pages_s", "Pages per second (whole run) vs threads", "pages/s")):
         series = _series(points, key)
         if not series:
             continue

@@ -23,6 +23,7 @@ from typing import Any
 from harness.bench.plan import Chain, Point
 from harness.core.errors import NestvirtError, StepTimeout
 from harness.core.ports import free_port
+from harness.guest.image import GUEST_TOOLS
 from harness.guest.l1 import L1Shell, RunKey
 from harness.host.probe import QemuFacts
 from harness.qemu.inventory import machine_for
@@ -142,8 +143,9 @@ class _Chain:
     """One chain's machines and state; reaps every QEMU it started in close()."""
 
     def __init__(self, ctx: RunContext, chain: Chain, qemu: QemuFacts, workdir: Path,
-                 timeout: float, order0: int) -> None:
+                 timeout: float, order0: int, l2: bool = False) -> None:
         self.ctx, self.chain, self.q, self.workdir = ctx, chain, qemu, workdir
+        self.l2 = l2
         self.timeout = timeout
         self.order = order0
         self.key = RunKey.generate()
@@ -190,13 +192,26 @@ class _Chain:
         self.shell.run(f"setsid l1work run {w.l1work_args()} --status {STATUS} "
                        f"--result /run/l1work.verify --pidfile /run/l1work.pid --progress {PROGRESS} "
                        ">/run/l1work.log 2>&1 </dev/null &", 10)
+        if self.l2:
+            # L2's page counter in L1's KVM: the whole nested stack runs while L1 migrates.
+            self.shell.run(f"setsid nvmm run --payload {GUEST_TOOLS}/payloads/pagecount.bin --pages 128 "
+                           "--status /run/l2.status --log /run/l2-serial.log --result /run/l2.verify "
+                           "--pidfile /run/l2.pid >/run/nvmm.log 2>&1 </dev/null &", 10)
         deadline = time.monotonic() + 30
-        while self._status().get("state") != "running":
+        while self._status().get("state") != "running" or (self.l2 and self._l2_pass() is None):
             if time.monotonic() > deadline:
-                log = self.shell.run("cat /run/l1work.log", 10).out.strip()
-                raise StepTimeout(f"l1work did not start in 30 s: {log[:300]}")
+                log = self.shell.run("cat /run/l1work.log /run/nvmm.log", 10).out.strip()
+                raise StepTimeout(f"the guest programs did not start in 30 s: {log[:300]}")
             time.sleep(0.2)
         self.quiet_since = time.monotonic()
+
+    def _l2_pass(self) -> int | None:
+        assert self.shell is not None
+        r = self.shell.run("cat /run/l2.status 2>/dev/null", 10)
+        try:
+            return int(json.loads(r.out.strip().splitlines()[-1])["pass"])
+        except (ValueError, IndexError, KeyError, TypeError):
+            return None
 
     def _status(self) -> dict[str, Any]:
         assert self.shell is not None
@@ -295,7 +310,16 @@ class _Chain:
                        "relay_cpu_s": round(wire.cpu_s, 4)}
         if dirty_during:
             rec.dirty_rate = self.dirty_rate(src, start=False)
-        if rec.converged and dst.alive():
+        if rec.converged and (not dst.alive() or out.dst_status not in ("running", None)):
+            # Completed on the source, refused by the destination (under TCG: a vCPU stopped in
+            # guest mode while L2 ran): not a migration that happened.
+            rec.converged, rec.status = False, "refused"
+            rec.error = f"destination {out.dst_status}: {out.dst_error or dst.error_summary()}"
+            try:
+                src.qmp("cont")  # postmigrate -> running: the chain goes on from the source
+            except QmpCommandError:
+                pass
+        if rec.converged:
             self._retire(src)
             self.src, self.shell = dst, self._connect(dst)
         else:
@@ -336,11 +360,19 @@ class _Chain:
         during = progress_rate(samples, start, max(end, start + 0.01))
         v = self.shell.run("l1work verify --pidfile /run/l1work.pid --result /run/l1work.verify "
                            "--timeout 15", 25)
-        self.quiet_since = time.monotonic()
         try:
             verify = json.loads(v.out.strip().splitlines()[-1])
         except (ValueError, IndexError):
             verify = {"ok": False, "error": (v.err or v.out).strip()[:200]}
+        if self.l2:
+            l2 = self.shell.run("nvmm verify --pidfile /run/l2.pid --result /run/l2.verify --timeout 15", 25)
+            try:
+                l2v = json.loads(l2.out.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                l2v = {"ok": False, "error": (l2.err or l2.out).strip()[:200]}
+            verify = {**verify, "ok": bool(verify.get("ok")) and bool(l2v.get("ok")), "l2": l2v,
+                      "l2_pass": self._l2_pass()}
+        self.quiet_since = time.monotonic()
         rec.guest = {
             "rate_before_mib_s": None if before is None else round(before / 2**20, 3),
             "rate_during_mib_s": None if during is None else round(during / 2**20, 3),
@@ -349,16 +381,16 @@ class _Chain:
             "window_s": round(t1 - t0, 3), "guest_clock_lost_s": round(off0 - off1, 3),
             "samples": [samples[0][0], samples[-1][0]] if samples else [],
             "verify_ok": bool(verify.get("ok")),
-            "verify": {k: verify.get(k) for k in ("ok", "bad_pages", "first_bad", "error")
-                       if k in verify}}
+            "verify": {k: verify.get(k) for k in ("ok", "bad_pages", "first_bad", "error", "l2",
+                                                  "l2_pass") if k in verify}}
 
 
 def run_chain(ctx: RunContext, chain: Chain, qemu: QemuFacts, workdir: Path, timeout: float,
               order0: int = 0, warmup: bool = True,
-              progress: Callable[[RunRecord], None] | None = None) -> ChainRecord:
+              progress: Callable[[RunRecord], None] | None = None, l2: bool = False) -> ChainRecord:
     """Every run of ``chain`` (a warm-up first when ``warmup``); never raises for what QEMU or
     the guest did: a run that could not happen is recorded with its error. Always reaps."""
-    c = _Chain(ctx, chain, qemu, workdir, timeout, order0)
+    c = _Chain(ctx, chain, qemu, workdir, timeout, order0, l2=l2)
     runs = list(chain.runs)
     if warmup and runs:
         runs.insert(0, (runs[0][0], -1))

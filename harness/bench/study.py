@@ -32,6 +32,7 @@ class StudyOptions:
     bound_s: float = 60.0  # a migration not completed by then is cancelled: "not converged"
     quick: bool = False
     warmup: bool = True
+    l2: bool = False  # L2's page counter runs in L1's KVM during every migration
 
 
 def dirty_limit_reason(host: HostFacts) -> str | None:
@@ -75,7 +76,7 @@ def run_study(ctx: RunContext, opts: StudyOptions,
         q = by_binary[ch.qemu]
         rec = run_chain(ctx, ch, q, chain_dir(ctx.out, i, ch, q), opts.bound_s,
                         order0=sum(len(c.runs) for c in chain_recs), warmup=opts.warmup,
-                        progress=tick)
+                        progress=tick, l2=opts.l2)
         chain_recs.append(rec)
     doc = assemble(ctx.host, opts, plan, [c.to_json() for c in chain_recs], load0, os.getloadavg(),
                    time.monotonic() - t0)
@@ -96,13 +97,18 @@ def assemble(host: HostFacts, opts: StudyOptions, plan: Plan, chain_docs: Sequen
     dl = dirty_limit_reason(host)
     if dl:
         notes.append(f"dirty-limit vs auto-converge: skipped: {dl}")
+    notes.append("L2 (the page counter) ran in L1's KVM during every migration; under TCG a stop that "
+                 "lands in guest mode is refused by the destination (counted as refused, the source "
+                 "runs on)" if opts.l2 else
+                 "L1 ran its KVM (loaded, no L2 running): --l2 runs L2's page counter too")
     if any(p.level_via == "global" for p in plan.points):
         notes.append("multifd levels on QEMU before 9.0 are set with -global migration.multifd-<codec>-level=N "
                      "on the source: over QMP that QEMU reads them back and ignores them")
     load = [r.get("load") for r in runs if r.get("load")]
     facts = [("accel", host.accel), ("QEMU", ", ".join(f"{q.version} ({q.binary})" for q in opts.qemus)),
              ("host CPU", host.cpu_model), ("host kernel", host.host_kernel),
-             ("seed", str(opts.seed)), ("repeats", str(opts.axes.repeat)),
+             ("seed", str(opts.seed)),
+             ("L2", "page counter running" if opts.l2 else "none"), ("repeats", str(opts.axes.repeat)),
              ("bound", f"{opts.bound_s:g} s per migration"),
              ("runs", f"{len(runs)} migrations ({sum(1 for r in runs if r['repeat'] < 0)} warm-up) "
                       f"in {seconds:.0f} s"),

@@ -116,12 +116,17 @@ def cmd_bench(a: argparse.Namespace) -> int:
     say = (lambda line: None) if a.json else (lambda line: print(line, file=sys.stderr, flush=True))
     say(f"nestvirt bench compression: {len(plan.points)} points x {axes.repeat} on "
         f"{', '.join(q.version for q in qemus)}, seed {seed}, {len(plan.pruned)} pruned")
-    doc = run_study(ctx, opts, progress=say)
-    results = point_results(doc, out)
-    info["seconds"] = round(time.monotonic() - t0, 2)
-    write_results(out, facts.to_json(), results, info,
-                  extra={"bench": {"file": "bench.json", "report": "report.html", "seed": seed}})
-    link_latest(out)
+    try:
+        doc = run_study(ctx, opts, progress=say)
+    finally:
+        # On Ctrl-C too: run_study wrote bench.json with the runs that finished.
+        if (out / "bench.json").exists():
+            doc = json.loads((out / "bench.json").read_text())
+            results = point_results(doc, out)
+            info["seconds"] = round(time.monotonic() - t0, 2)
+            write_results(out, facts.to_json(), results, info,
+                          extra={"bench": {"file": "bench.json", "report": "report.html", "seed": seed}})
+            link_latest(out)
     if a.json:
         print(json.dumps(doc, indent=1, default=str))
     else:

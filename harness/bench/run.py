@@ -387,10 +387,14 @@ class _Chain:
 
 def run_chain(ctx: RunContext, chain: Chain, qemu: QemuFacts, workdir: Path, timeout: float,
               order0: int = 0, warmup: bool = True,
-              progress: Callable[[RunRecord], None] | None = None, l2: bool = False) -> ChainRecord:
+              progress: Callable[[RunRecord], None] | None = None, l2: bool = False,
+              into: list[ChainRecord] | None = None) -> ChainRecord:
     """Every run of ``chain`` (a warm-up first when ``warmup``); never raises for what QEMU or
-    the guest did: a run that could not happen is recorded with its error. Always reaps."""
+    the guest did: a run that could not happen is recorded with its error. Always reaps.
+    ``into`` gets the record before the first run, so an interrupted study keeps its runs."""
     c = _Chain(ctx, chain, qemu, workdir, timeout, order0, l2=l2)
+    if into is not None:
+        into.append(c.rec)
     runs = list(chain.runs)
     if warmup and runs:
         runs.insert(0, (runs[0][0], -1))

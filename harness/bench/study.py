@@ -72,15 +72,17 @@ def run_study(ctx: RunContext, opts: StudyOptions,
             progress(f"[{done}/{total} {el // 60}:{el % 60:02d}] {r.point} {tag}: {r.status}{extra} "
                      f"(load {r.load[0]:.1f})")
 
-    for i, ch in enumerate(order):
-        q = by_binary[ch.qemu]
-        rec = run_chain(ctx, ch, q, chain_dir(ctx.out, i, ch, q), opts.bound_s,
-                        order0=sum(len(c.runs) for c in chain_recs), warmup=opts.warmup,
-                        progress=tick, l2=opts.l2)
-        chain_recs.append(rec)
-    doc = assemble(ctx.host, opts, plan, [c.to_json() for c in chain_recs], load0, os.getloadavg(),
-                   time.monotonic() - t0)
-    write_outputs(ctx.out, doc)
+    try:
+        for i, ch in enumerate(order):
+            q = by_binary[ch.qemu]
+            run_chain(ctx, ch, q, chain_dir(ctx.out, i, ch, q), opts.bound_s,
+                      order0=sum(len(c.runs) for c in chain_recs), warmup=opts.warmup,
+                      progress=tick, l2=opts.l2, into=chain_recs)
+    finally:
+        # Reached on Ctrl-C too: the runs that finished are written.
+        doc = assemble(ctx.host, opts, plan, [c.to_json() for c in chain_recs], load0,
+                       os.getloadavg(), time.monotonic() - t0)
+        write_outputs(ctx.out, doc)
     return doc
 
 

@@ -325,15 +325,27 @@ def _summary(mode: str, threads: int | None, level: int | None, ratio: float, *,
             "not_converged": [], "errors": [], "guest_broken": 0, "figures": figs}
 
 
+def _cpu(s: dict, cpu_per_gib: float) -> dict:
+    s["figures"]["src_worker_cpu_s_per_gib"] = {"median": cpu_per_gib, "min": cpu_per_gib,
+                                                "max": cpu_per_gib, "n": 3}
+    return s
+
+
 def test_level_check_fires_when_levels_leave_the_ratio_unchanged():
-    # 7.2 over QMP: levels 1 and 9 read back fine and compress alike.
-    ignored = [_summary("multifd-zlib", 2, 1, 2.310), _summary("multifd-zlib", 2, 9, 2.312)]
+    # 7.2 over QMP, as measured here: levels 1 and 9 read back fine, compress alike, cost alike.
+    ignored = [_cpu(_summary("multifd-zlib", 2, 1, 2.211), 10.1),
+               _cpu(_summary("multifd-zlib", 2, 9, 2.191), 11.0)]
     [c] = knobs.check_level(ignored)
     assert not c.took_effect and "did not take effect" in c.detail and "-global" in c.detail
-    applied = [_summary("multifd-zlib", 2, 1, 2.31, via="global"),
-               _summary("multifd-zlib", 2, 9, 2.62, via="global")]
+    # With -global: about the same ratio on l1work's pages, but four times the CPU per GiB.
+    applied = [_cpu(_summary("multifd-zlib", 2, 1, 2.20, via="global"), 10.0),
+               _cpu(_summary("multifd-zlib", 2, 9, 2.19, via="global"), 41.0)]
     [c] = knobs.check_level(applied)
     assert c.took_effect and "global" in c.detail
+    # A ratio that moves is enough on its own.
+    moved = [_summary("multifd-zlib", 2, 1, 2.31, via="global"),
+             _summary("multifd-zlib", 2, 9, 2.62, via="global")]
+    assert knobs.check_level(moved)[0].took_effect
 
 
 def test_threads_check_fires_when_qemu_ran_another_count():

@@ -74,6 +74,10 @@ def run_figures(run: Mapping[str, Any]) -> dict[str, Any]:
         if workers:
             cpus = [t["cpu_s"] for t in workers]
             out[f"{side}_worker_min_s"], out[f"{side}_worker_max_s"] = min(cpus), max(cpus)
+            if payload:
+                # What a level costs: the workers' CPU per GiB they compressed (CPU time, so a
+                # loaded host moves it far less than it moves wall time).
+                out[f"{side}_worker_cpu_s_per_gib"] = sum(cpus) / (payload / GIB)
             if total_ms:
                 out[f"{side}_worker_busy"] = sum(cpus) / (len(cpus) * total_ms / 1000)
     out["src_migthread_cpu_s"] = (cpu.get("src") or {}).get("mig-main", {}).get("total_s")

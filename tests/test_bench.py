@@ -362,6 +362,11 @@ def test_wait_thread_check_says_when_the_threads_were_never_busy():
     assert not c.took_effect and "never all busy" in c.detail
     busy = [_summary("compress", 2, None, 2.0, busy=0), _summary("compress-nowait", 2, None, 1.6, busy=812)]
     assert knobs.check_wait_thread(busy)[0].took_effect
+    # Off at a bandwidth limit, as measured here: it never converged, so it has no figures.
+    stuck = _summary("compress-nowait", 2, None, 1.0, bw=32)
+    stuck.update(converged=0, figures={})
+    [c] = knobs.check_wait_thread([_summary("compress", 2, None, 2.0, bw=32), stuck])
+    assert c.took_effect and "converged 0/3, 3/3" in c.detail
 
 
 def test_bandwidth_check_fires_when_the_stream_exceeds_its_limit():

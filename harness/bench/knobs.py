@@ -127,9 +127,12 @@ def check_wait_thread(summaries: Sequence[Mapping[str, Any]]) -> list[KnobCheck]
         busy = [median_of(s, "compress_busy") or 0.0 for s in group]
         wire = [median_of(s, "wire_bytes") for s in group]
         values = tuple("on" if _value(s, "wait_thread") else "off" for s in group)
-        moved = any(b != busy[0] for b in busy) or (
+        conv = [f"{s['converged']}/{s['runs']}" for s in group]
+        moved = len(set(conv)) > 1 or any(b != busy[0] for b in busy) or (
             all(w is not None for w in wire) and _rel(max(wire), min(wire)) >= SAME)  # type: ignore[type-var]
-        if moved:
+        if len(set(conv)) > 1:
+            detail = f"wait-thread {values}: converged {', '.join(conv)}"
+        elif moved:
             detail = f"wait-thread {values}: busy {busy}, wire bytes {wire}"
         elif not any(busy):
             detail = (f"wait-thread {values} leave busy (0) and the bytes on the wire unchanged: the "

@@ -37,6 +37,8 @@ def run_figures(run: Mapping[str, Any]) -> dict[str, Any]:
     # 0 is what 7.2 answers when asked between "completed" and storing it (vm/migration.py
     # asks again); QEMU's event timestamps then still give the length.
     total_ms = s.get("total_time_ms") or s.get("event_total_ms")
+    if not total_ms and not run.get("converged") and run.get("seconds"):
+        total_ms = run["seconds"] * 1000  # cancelled at the bound: as long as it was let run
     payload = payload_bytes(s)
     out: dict[str, Any] = {
         "total_time_ms": total_ms, "event_total_ms": s.get("event_total_ms"),
@@ -89,7 +91,6 @@ def summarize_point(point: Mapping[str, Any], runs: Sequence[Mapping[str, Any]])
     every figure its spread over the converged runs whose guest verified."""
     good = [r for r in runs if r.get("converged") and (r.get("guest") or {}).get("verify_ok")]
     figs = [run_figures(r) for r in good]
-    keys = sorted({k for f in figs for k in f})
     return {
         "id": point["id"], "point": dict(point), "runs": len(runs),
         "converged": sum(1 for r in runs if r.get("converged")),
@@ -97,8 +98,16 @@ def summarize_point(point: Mapping[str, Any], runs: Sequence[Mapping[str, Any]])
         "errors": [r.get("error") for r in runs if r.get("status") == "error"],
         "guest_broken": sum(1 for r in runs if r.get("converged")
                             and not (r.get("guest") or {}).get("verify_ok")),
-        "figures": {k: sp for k in keys if (sp := spread(f.get(k) for f in figs)) is not None},
+        "figures": _spreads(figs),
+        # What the runs that did not converge did before they were cancelled (used bandwidth...).
+        "figures_not_converged": _spreads([run_figures(r) for r in runs
+                                           if not r.get("converged") and r.get("wire")]),
     }
+
+
+def _spreads(figs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    keys = sorted({k for f in figs for k in f})
+    return {k: sp for k in keys if (sp := spread(f.get(k) for f in figs)) is not None}
 
 
 def median_of(summary: Mapping[str, Any], key: str) -> float | None:

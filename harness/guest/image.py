@@ -197,7 +197,7 @@ def _build_l1(kernel: Kernel, tools: GuestTools, timeout: float) -> L1Image:
             dest = stage / GUEST_TOOLS.lstrip("/") / f.relative_to(tools.dir)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dest)
-    for prog in ("nvmm", "l1work"):
+    for prog in ("nvmm", "l1work", "nvrekey"):
         if (tools.dir / prog).exists():
             os.symlink(f"{GUEST_TOOLS}/{prog}", stage / "bin" / prog)
     (stage / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")

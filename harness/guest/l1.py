@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import logging
+import secrets
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from harness.core.errors import NestvirtError, StepTimeout
 
@@ -34,6 +39,53 @@ class RunKey:
         """Keep the private key with the run's artefacts so a person can log in by hand."""
         self.private.write_private_key_file(str(path))
 
+    def rekey_line(self, nonce: str, host: HostKey, epoch_ns: int | None = None) -> str:
+        """The control-port line that gives a restored L1 this run's secrets (see
+        guests/l1/nvrekey.c): 64 fresh bytes of seed, the host's clock, this public key and
+        the host key L1 is to serve."""
+        when = time.time_ns() if epoch_ns is None else epoch_ns
+        return (f"rekey {nonce} {secrets.token_hex(64)} {when} {self.private.get_name()} "
+                f"{self.private.get_base64()} {host.dropbear_b64()}")
+
+
+@dataclass(frozen=True)
+class HostKey:
+    """An SSH host key made by the harness for one restored L1: L1 serves it, the harness
+    pins it (so a connection reaches exactly the L1 it re-keyed, on the destination too)."""
+
+    private: ed25519.Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> HostKey:
+        return cls(ed25519.Ed25519PrivateKey.generate())
+
+    def _raw(self) -> tuple[bytes, bytes]:
+        priv = self.private.private_bytes(serialization.Encoding.Raw,
+                                          serialization.PrivateFormat.Raw,
+                                          serialization.NoEncryption())
+        pub = self.private.public_key().public_bytes(serialization.Encoding.Raw,
+                                                     serialization.PublicFormat.Raw)
+        return priv, pub
+
+    def dropbear_b64(self) -> str:
+        """The private key in dropbear's own file format (string type, string priv||pub)."""
+        priv, pub = self._raw()
+        return base64.b64encode(_ssh_string(b"ssh-ed25519") + _ssh_string(priv + pub)).decode()
+
+    @property
+    def public(self) -> paramiko.PKey:
+        _, pub = self._raw()
+        return paramiko.Ed25519Key(data=_ssh_string(b"ssh-ed25519") + _ssh_string(pub))
+
+
+def _ssh_string(b: bytes) -> bytes:
+    return struct.pack(">I", len(b)) + b
+
+
+def new_nonce() -> str:
+    """Names one rekey, so that its answer cannot be an older one's."""
+    return secrets.token_hex(8)
+
 
 @dataclass(frozen=True)
 class CommandResult:
@@ -50,11 +102,15 @@ class L1Shell:
     """
 
     def __init__(self, port: int, key: RunKey, host: str = "127.0.0.1",
-                 opener: Callable[[], Any] | None = None) -> None:
+                 opener: Callable[[], Any] | None = None,
+                 host_key: paramiko.PKey | None = None) -> None:
         self.port = port
         self.key = key
         self.host = host
         self.opener = opener
+        # Pinned: the harness gave L1 its host key (a re-keyed L1); None: accepted as offered
+        # (a cold L1 makes its own on first connection, unannounced).
+        self.host_key = host_key
         self._client: paramiko.SSHClient | None = None
 
     def connect(self, timeout: float = 30.0) -> float:
@@ -63,7 +119,12 @@ class L1Shell:
         last = "no attempt"
         while time.monotonic() - t0 < timeout:
             client = paramiko.SSHClient()
-            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+            if self.host_key is not None:
+                name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+                client.get_host_keys().add(name, self.host_key.get_name(), self.host_key)
+                client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            else:
+                client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
             try:
                 sock = self.opener() if self.opener is not None else None
                 client.connect(self.host, port=self.port, username="root", pkey=self.key.private,
@@ -71,6 +132,10 @@ class L1Shell:
                                allow_agent=False, look_for_keys=False)
                 self._client = client
                 return time.monotonic() - t0
+            except paramiko.BadHostKeyException as e:
+                client.close()
+                raise NestvirtError(f"L1 on port {self.port} offered a host key other than the "
+                                    f"one it was given: {e}") from e
             except (paramiko.SSHException, OSError, EOFError, NestvirtError) as e:
                 last = f"{type(e).__name__}: {e}"
                 client.close()

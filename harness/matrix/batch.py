@@ -85,7 +85,7 @@ def mode_knobs(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:
     """Where destinations start and how long a still migration may stand, checked:
-    {"dst_host": HostSpec | None, "stall_timeout": seconds}."""
+    {"dst_host": HostSpec | None, "stall_timeout": seconds, "start": snapshot | cold}."""
     from harness.remote.ssh import HostSpec
 
     stall = getattr(args, "stall_timeout", 15.0)
@@ -102,7 +102,8 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError("--transport unix cannot cross hosts: drop it with --dst-host")
     elif any(getattr(args, o, None) for o in ("dst_key", "dst_known_hosts")):
         raise UsageError("--dst-key and --dst-known-hosts go with --dst-host")
-    return {"dst_host": dst, "stall_timeout": stall}
+    return {"dst_host": dst, "stall_timeout": stall,
+            "start": "cold" if getattr(args, "cold", False) else "snapshot"}
 
 
 def check_injects(variants: Iterable[Variant], dst_host: Any, parallel: int = 1) -> None:
@@ -210,7 +211,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     dst = opts["dst_host"]
     jobs = make_jobs(plan, repeat, out, facts.to_json(), image.to_json(), signatures_json(sigs),
                      run={"dst_host": dst.to_json() if dst else None,
-                          "stall_timeout": opts["stall_timeout"]})
+                          "stall_timeout": opts["stall_timeout"], "start": opts["start"]})
     run_info = run_record(out, image=image.to_json(), jobs=parallel, repeat=repeat,
                           until_fail=args.until_fail,
                           budget={"cpus": budget.cpus, "mem_reserve_mib": budget.mem_reserve_mib})

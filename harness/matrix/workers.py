@@ -204,7 +204,8 @@ class Job:
     needs: Resources
     signatures: tuple[dict[str, Any], ...] = ()
     of: int = 1  # attempts planned for this variant
-    # Options every job of the run shares: "dst_host" (HostSpec.to_json), "stall_timeout".
+    # Options every job of the run shares: "dst_host" (HostSpec.to_json), "stall_timeout",
+    # "start" (snapshot | cold).
     run: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -238,7 +239,8 @@ def context(job: Job) -> RunContext:
     dst = job.run.get("dst_host")
     return RunContext(host=HostFacts.from_json(job.host), image=L1Image.from_json(job.image),
                       out=Path(job.out), dst_host=HostSpec.from_json(dst) if dst else None,
-                      stall_timeout=job.run.get("stall_timeout", 15.0))
+                      stall_timeout=job.run.get("stall_timeout", 15.0),
+                      start=job.run.get("start", "snapshot"))
 
 
 def skip_reason(job: Job, budget: HostBudget | None) -> str | None:

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="private key for --dst-host (default: ssh-agent, then ~/.ssh keys)")
     r.add_argument("--dst-known-hosts", metavar="FILE",
                    help="known_hosts file with --dst-host's key (default ~/.ssh/known_hosts)")
+    r.add_argument("--cold", action="store_true",
+                   help="boot every L1 instead of restoring the saved, booted image of its "
+                        "configuration (the checks are the same)")
     r.add_argument("--stall-timeout", type=float, default=15.0, metavar="S",
                    help="cancel a migration whose byte count has not moved for S seconds "
                         "(default 15; on a dead link TCP alone retries for ~15 min)")
@@ -321,7 +324,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     tools = build_tools()
     image = build_l1(kernel, tools)
     ctx = RunContext(host=facts, image=image, out=out, dst_host=opts["dst_host"],
-                     stall_timeout=opts["stall_timeout"])
+                     stall_timeout=opts["stall_timeout"], start=opts["start"])
     run_info = run_record(out, image=image.to_json())
     if opts["dst_host"] is not None:
         run_info["dst_host"] = opts["dst_host"].label

@@ -84,7 +84,8 @@ class Destination:
         if creds is not None:
             extra = tuple(creds.dst_args(self._upload_tls(control, creds)))
         cfg = replace(cfg, kernel=Path(self._staged[0]), initrd=Path(self._staged[1]),
-                      extra_args=cfg.extra_args + extra, tcg_svm_log=None)
+                      extra_args=cfg.extra_args + extra, tcg_svm_log=None,
+                      control=False)
         m = RemoteMachine(cfg, self.workdir, 0, control=control, remote_dir=self.remote_dir)
         try:
             m.launch(timeout=20)

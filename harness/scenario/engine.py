@@ -28,6 +28,7 @@ from harness.scenario.binaries import lacks
 from harness.scenario.destination import Destination, unfit_reason, where_am_i
 from harness.scenario.faults import At
 from harness.scenario.hv_checks import enlightenment_checks
+from harness.scenario.l1start import StartedL1, start_l1
 from harness.scenario.result import ScenarioResult, Timer, execute_guarded, finish
 from harness.scenario.spec import ScenarioSpec, Variant
 from harness.vm.guestmode import SvmTrace
@@ -52,6 +53,9 @@ class RunContext:
     migrate_timeout: float = 120.0
     dst_host: HostSpec | None = None
     stall_timeout: float | None = 15.0
+    # How L1s start: "snapshot" (restored from the saved, booted image of their configuration,
+    # re-keyed) or "cold" (booted). The checks are the same either way.
+    start: str = "snapshot"
 
     @property
     def qemu(self) -> str:
@@ -188,6 +192,7 @@ class _ScenarioRun:
         self.shells: list[L1Shell] = []
         self.dest: Destination | None = None
         self.tls: TlsCredentials | None = None
+        self.host_key = None  # pinned for src and dst alike: a re-keyed L1's host key
 
     def _destination(self) -> Destination:
         if self.dest is None:
@@ -197,21 +202,35 @@ class _ScenarioRun:
         return self.dest
 
     # -- machines -------------------------------------------------------------------------
-    def _machine(self, name: str, incoming: bool, tcg_svm_log: Path | None = None) -> Machine:
+    def _config(self, name: str, tcg_svm_log: Path | None = None) -> MachineConfig:
         v = self.variant
         profile = v.profile if name == "src" else (v.dst_profile or v.profile)
         src, dst = self.ctx.binaries(v)
-        cfg = l1_config(self.ctx, name, self.key, cpu=self.ctx.l1_cpu(profile),
-                        mem_mib=self.spec.mem_mib, smp=self.spec.smp, incoming=incoming,
-                        mem_extra_kib=v.qemu.ram_extra_kib if v.qemu else 0,
-                        qemu=src if name == "src" else dst, machine=self.ctx.machine(v),
-                        tcg_svm_log=tcg_svm_log)
-        if incoming:
-            return self._destination().launch(cfg, creds=self.tls)
-        return launch_config(cfg, self.workdir)
+        # The source's key arrives through start_l1 (command line or re-key); a destination
+        # boots nothing, its command line carries the key only to say whose run it is.
+        return l1_config(self.ctx, name, self.key if name == "dst" else None,
+                         cpu=self.ctx.l1_cpu(profile), mem_mib=self.spec.mem_mib,
+                         smp=self.spec.smp, incoming=name == "dst",
+                         mem_extra_kib=v.qemu.ram_extra_kib if v.qemu else 0,
+                         qemu=src if name == "src" else dst, machine=self.ctx.machine(v),
+                         tcg_svm_log=tcg_svm_log)
+
+    def _start_src(self, tcg_svm_log: Path | None) -> StartedL1:
+        src, _ = self.ctx.binaries(self.variant)
+        started = start_l1(self._config("src", tcg_svm_log), self.key,
+                           lambda cfg: launch_config(cfg, self.workdir), start=self.ctx.start,
+                           qemu_version=src.version if src else "",
+                           boot_timeout=self.ctx.boot_timeout)
+        self.host_key = started.host_key
+        self.res.params["start"] = started.record
+        return started
+
+    def _machine(self, name: str, incoming: bool, tcg_svm_log: Path | None = None) -> Machine:
+        assert name == "dst" and incoming, "the source starts through start_l1"
+        return self._destination().launch(self._config(name), creds=self.tls)
 
     def _shell(self, m: Machine, timeout: float = 30.0) -> L1Shell:
-        sh = L1Shell(m.ssh_port, self.key, opener=m.l1_ssh_opener())
+        sh = L1Shell(m.ssh_port, self.key, opener=m.l1_ssh_opener(), host_key=self.host_key)
         self.shells.append(sh)
         sh.connect(timeout)
         return sh
@@ -228,9 +247,9 @@ class _ScenarioRun:
             self.res.metrics["guest_mode_policy"] = unwatched or (
                 f"retry: up to {n} time(s)" if n > 0 else "watch only: guest_mode_retries 0")
         with self.timer.phase("boot_src"):
-            self.src = self._machine("src", incoming=False,
-                                     tcg_svm_log=trace.path if trace else None)
-            ready = self.src.wait_guest_event("ready", self.ctx.boot_timeout)
+            started = self._start_src(trace.path if trace else None)
+            self.src = started.machine
+            ready = started.ready
             self.res.metrics["l1_ready"] = ready
             if spec.state != "plain" and ready.get("kvm") != "yes":
                 raise StepTimeout(f"L1 has no /dev/kvm (module {ready.get('module')}): "
@@ -599,19 +618,25 @@ def launch_l1(ctx: RunContext, name: str, workdir: Path, key: RunKey, *, cpu: st
                                    extra_args=extra_args), workdir)
 
 
-def l1_config(ctx: RunContext, name: str, key: RunKey, *, cpu: str, mem_mib: int = 512,
+def l1_config(ctx: RunContext, name: str, key: RunKey | None, *, cpu: str, mem_mib: int = 512,
               smp: int = 1, incoming: bool = False, mem_extra_kib: int = 0,
               qemu: QemuFacts | None = None, machine: str | None = None,
               tcg_svm_log: Path | None = None, extra_args: tuple[str, ...] = ()) -> MachineConfig:
-    """What one L1 QEMU of the run's image is (see launch_l1)."""
+    """What one L1 QEMU of the run's image is (see launch_l1); key None: a command line
+    without the run's key (start_l1 adds it to a cold boot, or re-keys a restored L1)."""
     q = qemu or ctx.host.qemu
+    append = L1_APPEND + (f" {key.cmdline_arg}" if key is not None else "")
     return MachineConfig(
         name=name, qemu=q.binary, accel=ctx.accel, cpu=cpu, kernel=ctx.image.kernel.image,
         initrd=ctx.image.initramfs, mem_mib=mem_mib, mem_extra_kib=mem_extra_kib, smp=smp,
         incoming=incoming,
-        append=f"console=ttyS0 panic=-1 loglevel=6 {key.cmdline_arg}",
+        append=append,
         machine=machine or machine_for(q), module_dir=q.module_dir,
         firmware_dirs=q.firmware_dirs, tcg_svm_log=tcg_svm_log, extra_args=extra_args)
+
+
+# L1's kernel command line, but for the run's key.
+L1_APPEND = "console=ttyS0 panic=-1 loglevel=6"
 
 
 def launch_config(cfg: MachineConfig, workdir: Path) -> Machine:

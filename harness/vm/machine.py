@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -53,6 +54,10 @@ class MachineConfig:
     module_dir: str = ""  # QEMU_MODULE_DIR of this binary, for this process only
     firmware_dirs: tuple[str, ...] = ()  # -L, before the binary's compiled-in dirs
     tcg_svm_log: Path | None = None  # TCG's VMRUN/#VMEXIT log (harness/vm/guestmode.py)
+    # L1's control port (ttyS2) on a unix socket the harness writes to (a restored L1 is
+    # re-keyed through it); False: the same device on a null backend (the device set, which
+    # migration needs equal on both sides, does not change).
+    control: bool = False
 
 
 class QmpCommandError(NestvirtError):
@@ -78,6 +83,7 @@ class Machine:
     _t0: float = 0.0
     events_seen: list[dict] = field(default_factory=list)
     _sockdir: Path | None = None
+    _control: socket.socket | None = None
 
     @property
     def console_log(self) -> Path:
@@ -103,6 +109,41 @@ class Machine:
         """The -qmp argument: a unix socket in the private directory."""
         return f"unix:{self.qmp_socket},server=on,wait=off"
 
+    @property
+    def control_socket(self) -> Path:
+        return self.qmp_socket.with_name(f"{self.config.name}.ctl")
+
+    def control_chardev(self) -> str:
+        """The -chardev of L1's control port: a socket when the config asks for one."""
+        if self.config.control:
+            return f"socket,id=ctl,path={self.control_socket},server=on,wait=off"
+        return "null,id=ctl"
+
+    def send_control(self, line: str, timeout: float = 5.0) -> None:
+        """Write one line to L1's control port (ttyS2). The connection stays open until
+        shutdown(): QEMU feeds the bytes to the UART as L1 reads them, and a peer that hangs
+        up can take unread ones with it."""
+        if not self.config.control:
+            raise NestvirtError(f"{self.config.name}: started without a control port")
+        if self._control is None:
+            deadline = time.monotonic() + timeout
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            while True:
+                try:
+                    s.connect(str(self.control_socket))
+                    break
+                except OSError as e:
+                    if time.monotonic() > deadline:
+                        s.close()
+                        raise StepTimeout(f"{self.config.name}: control port: {e}") from e
+                    time.sleep(0.02)
+            self._control = s
+        try:
+            self._control.sendall(line.encode() + b"\n")
+        except OSError as e:
+            raise StepTimeout(f"{self.config.name}: control port: {e}") from e
+
     def l1_ssh_opener(self) -> Callable[[], Any] | None:
         """What L1Shell connects through (None: 127.0.0.1:ssh_port on this host)."""
         return None
@@ -120,7 +161,8 @@ class Machine:
             mem_extra_kib=c.mem_extra_kib,
             smp=c.smp, kernel=c.kernel, initrd=c.initrd, append=c.append,
             console_log=self.console_log, events_log=self.events_log, ssh_port=self.ssh_port,
-            qmp=self.qmp_spec(), incoming=c.incoming, extra_args=c.extra_args,
+            qmp=self.qmp_spec(), control_chardev=self.control_chardev(), incoming=c.incoming,
+            extra_args=c.extra_args,
             machine=c.machine, firmware_dirs=c.firmware_dirs,
             tcg_log_args=TCG_SVM_LOG_ARGS if c.tcg_svm_log else (), tcg_svm_log=c.tcg_svm_log)
         return [line.strip() for line in text.splitlines() if line.strip()]
@@ -221,13 +263,7 @@ class Machine:
         """Events L1 printed on its event serial port so far, in order."""
         if not self.events_log.exists():
             return []
-        out = []
-        for line in self.events_log.read_text(errors="replace").splitlines():
-            m = EVENT_RE.match(line.strip())
-            if m:
-                kv = dict(p.split("=", 1) for p in m.group(2).split() if "=" in p)
-                out.append((m.group(1), kv))
-        return out
+        return parse_events(self.events_log.read_text(errors="replace"))
 
     def wait_guest_event(self, name: str, timeout: float) -> dict[str, str]:
         """Wait until L1 prints event `name` on its event port; fail fast if QEMU dies."""
@@ -325,6 +361,9 @@ class Machine:
             except Exception:  # noqa: BLE001 - EOF from a QEMU that already quit is expected
                 pass
             self._qmp = None
+        if self._control is not None:
+            self._control.close()
+            self._control = None
         rc = proc.reap(self._proc, grace=timeout) if self._proc is not None else None
         if self._sockdir is not None:
             shutil.rmtree(self._sockdir, ignore_errors=True)
@@ -339,6 +378,20 @@ class Machine:
             rec = {"t": round(time.monotonic() - self._t0, 4), "dir": direction, "msg": msg}
             self._transcript.write(json.dumps(rec, default=str) + "\n")
             self._transcript.flush()
+
+
+def parse_events(text: str) -> list[tuple[str, dict[str, str]]]:
+    """The NESTVIRT-EVENT lines of an events log; a last line L1 is still writing (no newline
+    yet) is not an event yet: its values could be cut short."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        m = EVENT_RE.match(line.strip())
+        if m:
+            kv = dict(p.split("=", 1) for p in m.group(2).split() if "=" in p)
+            out.append((m.group(1), kv))
+    return out
 
 
 def _shell_quote(arg: str) -> str:

@@ -23,7 +23,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from harness.core.errors import StepTimeout
 from harness.remote.ssh import RemoteError, RemoteHost, RemoteProcess
-from harness.vm.machine import EVENT_RE, Machine
+from harness.vm.machine import Machine, parse_events
 
 READ_TIMEOUT = 5.0  # one log read on the other host; a live link answers in ~15 ms
 _HOSTFWD = re.compile(r"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s")
@@ -136,13 +136,7 @@ class RemoteMachine(Machine):
         return "\n".join(self.console_lines()[-n:])
 
     def guest_events(self) -> list[tuple[str, dict[str, str]]]:
-        out = []
-        for line in self._text(self.events_log).splitlines():
-            m = EVENT_RE.match(line.strip())
-            if m:
-                kv = dict(p.split("=", 1) for p in m.group(2).split() if "=" in p)
-                out.append((m.group(1), kv))
-        return out
+        return parse_events(self._text(self.events_log))
 
     # -- ending ----------------------------------------------------------------------------------
     def kill(self) -> None:

@@ -1,0 +1,280 @@
+"""A saved, booted machine: its state saved once per configuration as a compressed migration
+stream in the cache, and machines started from it with -incoming instead of booting.
+
+Why a migration stream in a file (and not RAM in a memory-backend-file restored with
+x-ignore-shared): the file needs no change to how a machine's RAM is set up, so a machine
+started from it is the same machine as a cold one (its own later migration sends all its RAM
+as usual); it is never written after it is made (a restore only reads it); and it is small
+(L1's RAM is mostly zero pages, which the stream carries as markers). Measured here: see
+README "Fast start".
+
+Knows nothing of what runs in the machine: the caller brings it to the state worth saving
+(``prepare``) and makes a restored one its own (re-keying L1 is the scenario's business).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from harness.core.cache import cache_root, content_key, locked
+from harness.core.errors import NestvirtError, StepTimeout
+from harness.core.paths import TEMPLATES
+from harness.vm.machine import Machine, MachineConfig, QmpCommandError
+
+# Bump when what a saved image holds or how it is made changes: older images are then stale.
+SNAPSHOT_FORMAT = 1
+STREAM = "l1.zst"
+META = "image.json"
+
+
+class SnapshotUnusable(NestvirtError):
+    """A saved image that cannot be used (stale, corrupt, refused by QEMU): rebuild it."""
+
+
+@dataclass(frozen=True)
+class SnapshotImage:
+    """One saved machine: where its stream lies, what it must hash to, what it was."""
+
+    key: str
+    dir: Path
+    sha256: str
+    size: int
+    format: int = SNAPSHOT_FORMAT
+    qemu_version: str = ""
+    created: float = 0.0
+    save_seconds: float = 0.0
+    ready: dict[str, str] = field(default_factory=dict)  # what prepare() returned at save time
+    inputs: dict[str, Any] = field(default_factory=dict)  # what the key was computed from
+
+    @property
+    def stream(self) -> Path:
+        return self.dir / STREAM
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["dir"] = str(self.dir)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SnapshotImage:
+        """Inverse of to_json; KeyError/TypeError on a malformed record."""
+        return cls(key=str(d["key"]), dir=Path(d["dir"]), sha256=str(d["sha256"]),
+                   size=int(d["size"]), format=int(d.get("format", 0)),
+                   qemu_version=str(d.get("qemu_version", "")),
+                   created=float(d.get("created", 0.0)),
+                   save_seconds=float(d.get("save_seconds", 0.0)),
+                   ready={str(k): str(v) for k, v in (d.get("ready") or {}).items()},
+                   inputs=dict(d.get("inputs") or {}))
+
+
+def _file_identity(path: str | Path) -> str:
+    """Path, size and mtime: enough for files the cache names by content or a package owns
+    (hashing a QEMU binary at every start would cost more than the restore)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return f"{p}:missing"
+    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def key_inputs(cfg: MachineConfig, qemu_version: str, recipe: str = "") -> dict[str, Any]:
+    """Everything that shapes the saved machine: binary, firmware, kernel, initramfs, machine
+    type, CPU, memory, vCPUs, accel, the device set (the template), the command line, and the
+    caller's recipe (a digest of how it prepares the machine before saving)."""
+    return {
+        "format": SNAPSHOT_FORMAT, "recipe": recipe,
+        "qemu": _file_identity(cfg.qemu), "qemu_version": qemu_version,
+        "module_dir": cfg.module_dir,
+        "firmware_dirs": [_file_identity(d) for d in cfg.firmware_dirs],
+        "kernel": _file_identity(cfg.kernel), "initrd": _file_identity(cfg.initrd),
+        "machine": cfg.machine, "accel": cfg.accel, "cpu": cfg.cpu, "mem_mib": cfg.mem_mib,
+        "mem_extra_kib": cfg.mem_extra_kib, "smp": cfg.smp, "append": cfg.append,
+        "extra_args": list(cfg.extra_args),
+        "template": content_key([TEMPLATES / "qemu-l1.j2"]),
+    }
+
+
+def snapshot_key(cfg: MachineConfig, qemu_version: str, recipe: str = "") -> str:
+    """The content key of the image a config would be saved as."""
+    return content_key([], extra=[json.dumps(key_inputs(cfg, qemu_version, recipe),
+                                             sort_keys=True)])
+
+
+def image_dir(key: str) -> Path:
+    return cache_root() / "l1-snapshots" / key
+
+
+def lookup(cfg: MachineConfig, qemu_version: str, recipe: str = "") -> SnapshotImage | None:
+    """The saved image for this config if one is complete and current, else None."""
+    key = snapshot_key(cfg, qemu_version, recipe)
+    return _load(image_dir(key), key)
+
+
+def stale_reason(d: Path, key: str) -> str | None:
+    """Why the image in d cannot be used for key, or None. (The digest is checked at restore,
+    concurrently with QEMU's load.)"""
+    meta = d / META
+    if not meta.is_file():
+        return "no complete image"
+    try:
+        img = SnapshotImage.from_json(json.loads(meta.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable record: {e}"
+    if img.key != key or img.format != SNAPSHOT_FORMAT:
+        return f"record is for key {img.key} format {img.format}, not {key} format {SNAPSHOT_FORMAT}"
+    try:
+        size = (d / STREAM).stat().st_size
+    except OSError:
+        return "stream missing"
+    if size != img.size:
+        return f"stream is {size} bytes, the record says {img.size}"
+    return None
+
+
+def _load(d: Path, key: str) -> SnapshotImage | None:
+    if stale_reason(d, key) is not None:
+        return None
+    return replace(SnapshotImage.from_json(json.loads((d / META).read_text())), dir=d)
+
+
+def discard(image_or_dir: SnapshotImage | Path) -> None:
+    """Remove a saved image (stale or corrupt): the next start builds it again."""
+    d = image_or_dir.dir if isinstance(image_or_dir, SnapshotImage) else image_or_dir
+    with locked(f"snapshot-{d.name}"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def ensure(cfg: MachineConfig, qemu_version: str, launch: Callable[[MachineConfig], Machine],
+           prepare: Callable[[Machine], dict[str, str]], *, recipe: str = "",
+           timeout: float = 120.0) -> tuple[SnapshotImage, bool]:
+    """The current saved image for cfg, building it first if there is none (or it is stale):
+    (image, built). Two processes asking at once build it once (a lock per key).
+
+    ``launch`` starts a machine from a config (the caller's port handling); ``prepare``
+    brings a cold-booted one to the state worth saving and returns what a restore should
+    know of it (e.g. its ready event)."""
+    key = snapshot_key(cfg, qemu_version, recipe)
+    d = image_dir(key)
+    found = _load(d, key)
+    if found is not None:
+        return found, False
+    with locked(f"snapshot-{key}"):
+        found = _load(d, key)
+        if found is not None:
+            return found, False
+        return _build(cfg, qemu_version, recipe, key, d, launch, prepare, timeout), True
+
+
+def _build(cfg: MachineConfig, qemu_version: str, recipe: str, key: str, d: Path,
+           launch: Callable[[MachineConfig], Machine],
+           prepare: Callable[[Machine], dict[str, str]], timeout: float) -> SnapshotImage:
+    shutil.rmtree(d, ignore_errors=True)  # a stale one, or a half-made one
+    tmp = d.with_name(f"{key}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stream = tmp / STREAM
+    m = launch(replace(cfg, incoming=False, control=False, tcg_svm_log=None))
+    try:
+        ready = prepare(m)
+        t0 = time.monotonic()
+        # Stopped first: one pass, and the vCPU is where prepare() left it (L1 idle, no L2: a
+        # vCPU saved in SVM guest mode could not be restored under TCG).
+        m.qmp("stop")
+        m.qmp("migrate-set-capabilities",
+              capabilities=[{"capability": "events", "state": True}])
+        m.qmp("migrate-set-parameters", **{"max-bandwidth": 64 << 30})
+        m.qmp("migrate", uri=f"exec:{_save_command(stream)}")
+        _wait_migration(m, timeout, "saving the image")
+        save_s = time.monotonic() - t0
+    finally:
+        m.shutdown()
+    with open(stream, "rb") as f:
+        os.fsync(f.fileno())
+    img = SnapshotImage(key=key, dir=d, sha256=_sha256(stream), size=stream.stat().st_size,
+                        qemu_version=qemu_version, created=time.time(),
+                        save_seconds=round(save_s, 3), ready=dict(ready),
+                        inputs=key_inputs(cfg, qemu_version, recipe))
+    os.chmod(stream, 0o444)  # a restore reads it; nothing writes it again
+    (tmp / META).write_text(json.dumps(img.to_json(), indent=2))
+    tmp.rename(d)
+    return img
+
+
+def restore(cfg: MachineConfig, image: SnapshotImage,
+            launch: Callable[[MachineConfig], Machine], timeout: float = 60.0) -> Machine:
+    """A machine started from the image, loaded and paused (the caller continues it once it
+    is ready to make it its own). The stream's digest is checked while QEMU loads it.
+    SnapshotUnusable (the machine already reaped) when QEMU refuses it or the bytes differ."""
+    m = launch(replace(cfg, incoming=True))
+    digest: dict[str, str] = {}
+    hasher = threading.Thread(target=lambda: digest.update(sha=_sha256(image.stream)),
+                              name="nestvirt-snapshot-digest", daemon=True)
+    try:
+        hasher.start()
+        try:
+            m.qmp("migrate-set-capabilities",
+                  capabilities=[{"capability": "events", "state": True}])
+            m.qmp("migrate-incoming", uri=f"exec:{_load_command(image.stream)}")
+            _wait_migration(m, timeout, "loading the image")
+            status = m.qmp("query-status")["status"]
+        except (StepTimeout, QmpCommandError) as e:
+            raise SnapshotUnusable(f"QEMU did not take the saved image {image.key}: "
+                                   f"{m.error_summary() if not m.alive() else e}") from e
+        hasher.join(timeout)
+        if digest.get("sha") != image.sha256:
+            raise SnapshotUnusable(f"saved image {image.key} is corrupt: sha256 "
+                                   f"{digest.get('sha', 'unreadable')[:16]}..., the record says "
+                                   f"{image.sha256[:16]}...")
+        if status != "paused":
+            raise SnapshotUnusable(f"saved image {image.key} loaded into status {status}, "
+                                   "not paused")
+    except BaseException:
+        m.shutdown()
+        raise
+    return m
+
+
+def _wait_migration(m: Machine, timeout: float, what: str) -> None:
+    ev = m.wait_qmp_event({"MIGRATION"}, timeout, match=lambda e: e.get("data", {}).get(
+        "status") in ("completed", "failed", "cancelled"))
+    status = ev["data"]["status"]
+    if status != "completed":
+        err = ""
+        with contextlib.suppress(QmpCommandError):
+            err = m.qmp("query-migrate").get("error-desc", "")
+        raise StepTimeout(f"{what}: migration {status} {err}".strip())
+
+
+def _save_command(path: Path) -> str:
+    # zstd at level 1 with two threads: the stream is mostly page data of an idle L1.
+    if shutil.which("zstd"):
+        return f"zstd -q -f -1 -T2 -o {shlex.quote(str(path))}"
+    return f"cat > {shlex.quote(str(path))}"
+
+
+def _load_command(path: Path) -> str:
+    with open(path, "rb") as f:
+        compressed = f.read(4) == b"\x28\xb5\x2f\xfd"  # zstd's frame magic
+    if compressed:
+        return f"zstd -dcq {shlex.quote(str(path))}"
+    return f"cat {shlex.quote(str(path))}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -7,7 +7,7 @@ import logging
 import secrets
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,25 @@ class CommandResult:
     err: str
 
 
+_MARK = "@@NESTVIRT-PART"
+
+
+def _split_many(text: str) -> dict[int, CommandResult]:
+    """The parts of run_many's output, by command index (a part that never ended is absent)."""
+    parts: dict[int, CommandResult] = {}
+    chunks = text.split(f"\n{_MARK} ")
+    for chunk in chunks[1:]:
+        head, _, rest = chunk.partition("\n")
+        idx, _, rc = head.partition(" ")
+        out, _, err = rest.partition(f"\n{_MARK}ERR {idx}\n")
+        try:
+            parts[int(idx)] = CommandResult(int(rc or -1), out.removesuffix("\n"),
+                                            err.removesuffix("\n"))
+        except ValueError:
+            continue
+    return parts
+
+
 class L1Shell:
     """An SSH session to one L1; every call is bounded by a timeout.
 
@@ -156,6 +175,26 @@ class L1Shell:
             raise StepTimeout(f"L1 command timed out or dropped after {timeout:g}s: "
                               f"{command[:60]!r} ({type(e).__name__})") from e
         return CommandResult(rc, out, err)
+
+    def run_many(self, commands: Mapping[str, str], timeout: float = 30.0
+                 ) -> dict[str, CommandResult]:
+        """Run several commands at once inside L1, in one SSH exec (each in the background;
+        a round trip to an emulated L1 costs more than most of what is asked): each one's
+        output and exit status once all have ended."""
+        names = list(commands)
+        if not names:
+            return {}
+        lines = ['d=$(mktemp -d /tmp/nvmany.XXXXXX)']
+        for i, name in enumerate(names):
+            lines.append(f"( {commands[name]}\n) >$d/{i}.out 2>$d/{i}.err </dev/null & p{i}=$!")
+        for i in range(len(names)):
+            lines.append(f"wait $p{i}; echo $? >$d/{i}.rc")
+        for i in range(len(names)):
+            lines.append(f'printf "\\n{_MARK} {i} %s\\n" "$(cat $d/{i}.rc)"; cat $d/{i}.out; '
+                         f'printf "\\n{_MARK}ERR {i}\\n"; cat $d/{i}.err')
+        lines.append('rm -rf "$d"')
+        r = self.run("\n".join(lines), timeout)
+        return {names[i]: res for i, res in _split_many(r.out).items() if i < len(names)}
 
     def close(self) -> None:
         if self._client is not None:

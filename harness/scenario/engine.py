@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shlex
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from harness.core.errors import NestvirtError, StepTimeout
 from harness.core.ports import free_port
 from harness.guest.image import GUEST_TOOLS, L1Image
-from harness.guest.l1 import L1Shell, RunKey
+from harness.guest.l1 import CommandResult, L1Shell, RunKey
 from harness.host.enlightenments import Profile, host_support, qemu_cpu_suffix, same_enlightenments
 from harness.host.hvcpuid import supported_hv_flags
 from harness.host.probe import HostFacts, QemuFacts
@@ -257,9 +256,8 @@ class _ScenarioRun:
             sh = self._shell(self.src)
             self._destination()  # the link to another host is known before any fault acts
         with self.timer.phase("start_workloads"):
-            self._start_guest_programs(sh)
-            l2_before = self._l2_pass(sh) if spec.state == "nested" else None
-            dmesg_before = sh.run("dmesg", 15).out
+            status, dmesg_before = self._start_guest_programs(sh)
+            l2_before = status.get("l2", {}).get("pass") if spec.state == "nested" else None
             self._fault("before-migrate", sh)
         if spec.paused:
             if spec.state == "nested":
@@ -383,7 +381,7 @@ class _ScenarioRun:
             raise StepTimeout(f"L2 did not pause: nvmm pause exit {r.rc}: {r.err.strip()[:200]}")
         self.res.metrics["l2_quiesced"] = _json_or_empty(r.out)
 
-    def _start_guest_programs(self, sh: L1Shell) -> None:
+    def _start_guest_programs(self, sh: L1Shell) -> tuple[dict[str, dict], str]:
         s = self.spec
         cmds = []
         if s.l1_workload:
@@ -398,31 +396,33 @@ class _ScenarioRun:
                         "--result /run/l2.verify --pidfile /run/l2.pid")
         elif s.state == "bare":
             cmds.append("nvmm hold --pidfile /run/l2.pid --status /run/l2.status")
-        for c in cmds:
-            prog = c.split()[0]
-            sh.run(f"setsid {c} >/run/{prog}.log 2>&1 </dev/null &", 10)
-        # Wait until each program shows it is working, so migration catches it mid-flight.
-        deadline = time.monotonic() + 30
-        while True:
-            st = self._status(sh)
-            # l1work writes its status once the whole region holds the pattern.
-            ok = (not s.l1_workload or st.get("l1work", {}).get("state") == "running") and (
-                s.state == "plain"
-                or (s.state == "bare" and st.get("l2", {}).get("state") == "holding")
-                or (s.state == "nested" and st.get("l2", {}).get("pass", 0) >= 2))
-            if ok:
-                self.res.metrics["guest_status_before"] = st
-                return
-            if time.monotonic() > deadline:
-                logs = sh.run("tail -n 3 /run/l1work.log /run/nvmm.log 2>/dev/null", 10).out
-                raise StepTimeout(f"guest programs did not start in 30s: {st} {logs.strip()}")
-            time.sleep(0.2)
+        # One exec: start them, wait inside L1 until each shows it is working (so migration
+        # catches it mid-flight), then say their status and the kernel log so far.
+        ready = []
+        if s.l1_workload:  # l1work writes its status once the whole region holds the pattern
+            ready.append("grep -q '\"state\":\"running\"' /run/l1work.status 2>/dev/null")
+        if s.state == "bare":
+            ready.append("grep -q '\"state\":\"holding\"' /run/l2.status 2>/dev/null")
+        if s.state == "nested":
+            ready.append(f"[ \"$({L2_PASS})\" -ge 2 ] 2>/dev/null")
+        starts = "\n".join(f"setsid {c} >/run/{c.split()[0]}.log 2>&1 </dev/null &" for c in cmds)
+        script = (f"{starts}\n{deadline_sh(30)}\n"
+                  f"until {' && '.join(ready) or 'true'}; do {PAST_DEADLINE} && break; "
+                  "usleep 50000; done")
+        r = sh.run_many({"start": script + "\n" + STATUS_SH, "dmesg": "dmesg"}, 45)
+        st = _status_of(r["start"].out if "start" in r else "")
+        ok = (not s.l1_workload or st.get("l1work", {}).get("state") == "running") and (
+            s.state == "plain"
+            or (s.state == "bare" and st.get("l2", {}).get("state") == "holding")
+            or (s.state == "nested" and st.get("l2", {}).get("pass", 0) >= 2))
+        if not ok:
+            logs = sh.run("tail -n 3 /run/l1work.log /run/nvmm.log 2>/dev/null", 10).out
+            raise StepTimeout(f"guest programs did not start in 30s: {st} {logs.strip()}")
+        self.res.metrics["guest_status_before"] = st
+        return st, r["dmesg"].out if "dmesg" in r else ""
 
     def _status(self, sh: L1Shell) -> dict[str, dict]:
-        r = sh.run("cat /run/l1work.status 2>/dev/null; echo; echo ---; "
-                   "cat /run/l2.status 2>/dev/null", 10)
-        parts = r.out.split("---")
-        return {"l1work": _json_or_empty(parts[0]), "l2": _json_or_empty(parts[-1])}
+        return _status_of(sh.run(STATUS_SH, 10).out)
 
     def _l2_pass(self, sh: L1Shell) -> int | None:
         return self._status(sh).get("l2", {}).get("pass")
@@ -439,14 +439,7 @@ class _ScenarioRun:
         try:
             state = self.src.qmp("query-status", timeout=10)["status"]
             report = self._verify(sh, "l1work", "/run/l1work") if spec.l1_workload else False
-            l2 = None
-            if spec.state == "nested":
-                l2 = []
-                for _ in range(3):
-                    p = self._l2_pass(sh)
-                    if p is not None:
-                        l2.append(p)
-                    time.sleep(0.4)
+            l2 = _l2_samples(sh.run(L2_PROGRESS_SH, 20).out) if spec.state == "nested" else None
         except (StepTimeout, QmpCommandError) as e:
             self.res.checks.append(ck.source_intact(None, None, None, error=str(e)))
             return
@@ -503,11 +496,10 @@ class _ScenarioRun:
             add(ck.l1_ssh_on_dst(False, str(e)))
             add(ck.kernel_log_clean(self._console_new_lines()))
             return
-        dmesg_after, stuck = "", None
+        dmesg_after, serial, stuck = "", "", None
         try:
             self._fault("in-guest", sh)
-            self._guest_checks(sh, l2_before)
-            dmesg_after = sh.run("dmesg", 15).out
+            dmesg_after, serial = self._guest_checks(sh, l2_before)
         except StepTimeout as e:
             # L1 stopped answering mid-check (a crashed L1 does that): a failure of the guest,
             # judged below by its console, not an error of the harness.
@@ -522,37 +514,50 @@ class _ScenarioRun:
             self.res.checks += enlightenment_checks(self.variant.profile, dump.out, dmesg_after)
         (self.workdir / "l1-dmesg-dst.txt").write_text(dmesg_after)
         if not stuck:
-            log = sh.run("cat /run/l2-serial.log 2>/dev/null", 10).out
-            (self.workdir / "l2-serial.log").write_text(log)
+            (self.workdir / "l2-serial.log").write_text(serial)
 
-    def _guest_checks(self, sh: L1Shell, l2_before: int | None) -> None:
+    def _guest_checks(self, sh: L1Shell, l2_before: int | None) -> tuple[str, str]:
+        """The checks inside L1 on the destination, in two execs of concurrent parts (a fault
+        acts between them); returns (dmesg, L2's serial log), gathered with the second."""
         spec, add = self.spec, self.res.checks.append
+        first: dict[str, str] = {}
         if spec.l1_workload:
-            add(ck.pattern_verified("l1-workload-pattern",
-                                    self._verify(sh, "l1work", "/run/l1work"), "L1 workload"))
+            first["l1work"] = VERIFY_SH.format(prog="l1work", base="/run/l1work")
         if spec.state == "nested":
-            samples = []
-            for _ in range(3):
-                p = self._l2_pass(sh)
-                if p is not None:
-                    samples.append(p)
-                time.sleep(0.4)
+            first["l2"] = L2_PROGRESS_SH
+        got = sh.run_many(first, 40)
+        if spec.l1_workload:
+            add(ck.pattern_verified("l1-workload-pattern", _report(got.get("l1work")),
+                                    "L1 workload"))
+        if spec.state == "nested":
+            samples = _l2_samples(got["l2"].out if "l2" in got else "")
             add(ck.l2_progress(l2_before, samples))
             self.res.metrics["l2_pass"] = {"src_before": l2_before, "dst": samples}
             self._fault("after-l2-progress", sh)
-            if spec.l2_payload == "pagecount":  # the only payload with memory to check
-                add(ck.pattern_verified("l2-memory-pattern", self._verify(sh, "nvmm", "/run/l2"),
-                                        "L2 page counter"))
+        second = {"dmesg": "dmesg", "serial": "cat /run/l2-serial.log 2>/dev/null"}
+        if spec.state == "nested" and spec.l2_payload == "pagecount":
+            second["nvmm"] = VERIFY_SH.format(prog="nvmm", base="/run/l2")  # the one with memory
         if spec.state == "bare":
-            r = sh.run(f"nvmm run --payload {GUEST_TOOLS}/payloads/cpuidloop.bin --iters 1000 "
-                       "--reports 2", 30)
-            last = (r.out.strip().splitlines() or [""])[-1][:200]
-            add(ck.l2_starts_on_dst(r.rc, last if r.rc == 0 else f"exit {r.rc}: {r.err.strip()[:200]}"))
+            second["bare"] = (f"nvmm run --payload {GUEST_TOOLS}/payloads/cpuidloop.bin "
+                              "--iters 1000 --reports 2")
+        got = sh.run_many(second, 40)
+        if "nvmm" in second:
+            add(ck.pattern_verified("l2-memory-pattern", _report(got.get("nvmm")),
+                                    "L2 page counter"))
+        if "bare" in second:
+            r = got.get("bare")
+            if r is None:
+                add(ck.l2_starts_on_dst(-1, "no answer from L1"))
+            else:
+                last = (r.out.strip().splitlines() or [""])[-1][:200]
+                add(ck.l2_starts_on_dst(r.rc, last if r.rc == 0
+                                        else f"exit {r.rc}: {r.err.strip()[:200]}"))
+        if "dmesg" not in got:
+            raise StepTimeout("L1 gave no kernel log")
+        return got["dmesg"].out, got["serial"].out if "serial" in got else ""
 
     def _verify(self, sh: L1Shell, prog: str, base: str) -> dict | None:
-        r = sh.run(f"{prog} verify --pidfile {base}.pid --result {base}.verify --timeout 15", 25)
-        report = _json_or_empty(r.out)
-        return report or None
+        return _report(sh.run(VERIFY_SH.format(prog=prog, base=base), 25))
 
     def _console_new_lines(self) -> list[str]:
         # The destination's console only ever holds what L1 printed after migration.
@@ -665,6 +670,51 @@ def attempts_summary(attempts: list[dict]) -> str:
         line += (f"; the last stop too ({last.get('why')}): under TCG the destination refuses "
                  "a vCPU in guest mode")
     return line
+
+
+# Shell fragments run inside L1 (busybox sh). Times are read from /proc/uptime in hundredths,
+# without a fork: under TCG every fork in L1 costs milliseconds.
+L2_PASS = 's=; read -r s </run/l2.status 2>/dev/null; p=${s#*\\"pass\\":}; echo ${p%%[!0-9]*}'
+PAST_DEADLINE = 'read -r t _ </proc/uptime; [ "${t%.*}${t#*.}" -ge "$end" ]'
+STATUS_SH = ("cat /run/l1work.status 2>/dev/null; echo; echo ---; "
+             "cat /run/l2.status 2>/dev/null")
+VERIFY_SH = "{prog} verify --pidfile {base}.pid --result {base}.verify --timeout 15"
+L2_DEADLINE_S = 5
+
+
+def deadline_sh(seconds: float) -> str:
+    """Sets $end, in /proc/uptime hundredths, `seconds` from now (see PAST_DEADLINE)."""
+    return f'read -r t _ </proc/uptime; end=$(( ${{t%.*}}${{t#*.}} + {int(seconds * 100)} ))'
+
+
+# L2's pass, sampled every 50 ms inside L1 until it went past the first sample (advancing:
+# judged) or the deadline (stalled, or gone).
+L2_PROGRESS_SH = (f"{deadline_sh(L2_DEADLINE_S)}; first=\n"
+                  "while :; do s=; read -r s </run/l2.status 2>/dev/null; echo \"$s\"; "
+                  "p=${s#*\\\"pass\\\":}; p=${p%%[!0-9]*}; "
+                  'if [ -n "$p" ]; then [ -z "$first" ] && first=$p; '
+                  '[ "$p" -gt "$first" ] && break; fi; '
+                  f"{PAST_DEADLINE} && break; usleep 50000; done")
+
+
+def _l2_samples(text: str) -> list[int]:
+    """L2 pass numbers from status lines (L2_PROGRESS_SH), in order."""
+    out = []
+    for line in text.splitlines():
+        p = _json_or_empty(line).get("pass")
+        if isinstance(p, int):
+            out.append(p)
+    return out
+
+
+def _status_of(text: str) -> dict[str, dict]:
+    parts = text.split("---")
+    return {"l1work": _json_or_empty(parts[0]), "l2": _json_or_empty(parts[-1])}
+
+
+def _report(r: CommandResult | None) -> dict | None:
+    """A verify client's JSON report, None when it gave none."""
+    return (_json_or_empty(r.out) or None) if r is not None else None
 
 
 def _json_or_empty(text: str) -> dict:

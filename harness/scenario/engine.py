@@ -623,6 +623,15 @@ def launch_l1(ctx: RunContext, name: str, workdir: Path, key: RunKey, *, cpu: st
                                    extra_args=extra_args), workdir)
 
 
+def start_run_l1(ctx: RunContext, name: str, workdir: Path, key: RunKey, *, cpu: str,
+                 mem_mib: int = 512, smp: int = 1) -> StartedL1:
+    """One L1 of the run's image started the run's way (ctx.start: restored from its saved
+    image, or booted cold), running and holding ``key``; reap with its machine's shutdown()."""
+    return start_l1(l1_config(ctx, name, None, cpu=cpu, mem_mib=mem_mib, smp=smp), key,
+                    lambda cfg: launch_config(cfg, workdir), start=ctx.start,
+                    qemu_version=ctx.host.qemu.version, boot_timeout=ctx.boot_timeout)
+
+
 def l1_config(ctx: RunContext, name: str, key: RunKey | None, *, cpu: str, mem_mib: int = 512,
               smp: int = 1, incoming: bool = False, mem_extra_kib: int = 0,
               qemu: QemuFacts | None = None, machine: str | None = None,

@@ -34,7 +34,7 @@ from harness.host.hvcpuid import supported_hv_flags
 from harness.host.probe import HostFacts
 from harness.results.views import text_table, verdict_counts
 from harness.scenario import checks as ck
-from harness.scenario.engine import RunContext, launch_l1
+from harness.scenario.engine import RunContext, start_run_l1
 from harness.scenario.result import ScenarioResult
 from harness.scenario.spec import NO_PROFILE
 from harness.selftests.build import (
@@ -233,6 +233,7 @@ class _L1:
         self.boots = 0
         self.machine: Machine | None = None
         self.shell: L1Shell | None = None
+        self.start_record: dict[str, Any] = {}
 
     def start(self) -> None:
         self.stop()
@@ -242,13 +243,14 @@ class _L1:
         workdir.mkdir(parents=True, exist_ok=True)
         key = RunKey.generate()
         key.save(workdir / f"{name}-id_ecdsa")
-        self.machine = launch_l1(self.ctx, name, workdir, key, cpu=self.ctx.l1_cpu(self.plan.profile),
-                                 mem_mib=self.mem_mib, smp=self.smp)
-        ready = self.machine.wait_guest_event("ready", self.ctx.boot_timeout)
+        started = start_run_l1(self.ctx, name, workdir, key, cpu=self.ctx.l1_cpu(self.plan.profile),
+                               mem_mib=self.mem_mib, smp=self.smp)
+        self.machine, ready = started.machine, started.ready
+        self.start_record = started.record
         if ready.get("kvm") != "yes":
             raise StepTimeout(f"L1 has no /dev/kvm (module {ready.get('module')}, "
                               f"nested {ready.get('nested')})")
-        self.shell = L1Shell(self.machine.ssh_port, key)
+        self.shell = L1Shell(self.machine.ssh_port, key, host_key=started.host_key)
         self.shell.connect(30)
 
     def run(self, t: BuiltTest) -> tuple[SelftestRun, list[str], dict[str, Any]]:
@@ -400,6 +402,7 @@ def _run_all(l1: _L1, plan: SelftestPlan, runnable: list[BuiltTest], out: Path,
                     results[t.name] = not_run(t, plan, "error", f"not run: L1 stopped answering: {e}")
                 continue
             extra["l1_boot"] = l1.boots
+            extra["l1_start"] = l1.start_record
             workdir = _workdir(out, t)
             registers = extra.pop("l1_registers", None)
             if registers is not None:

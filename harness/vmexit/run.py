@@ -23,7 +23,7 @@ from harness.guest.l1 import L1Shell, RunKey
 from harness.host.enlightenments import Profile, host_support, resolve_profile
 from harness.host.hvcpuid import decode_l1_cpuid, supported_hv_flags
 from harness.scenario import checks as ck
-from harness.scenario.engine import RunContext, launch_l1
+from harness.scenario.engine import RunContext, launch_l1, start_run_l1
 from harness.scenario.hv_checks import enlightenment_checks
 from harness.scenario.result import ScenarioResult, execute_guarded, judge_failed_checks, save_result
 from harness.scenario.spec import Variant
@@ -144,6 +144,7 @@ class _VmexitRun:
         acc = ctx.accel if ctx.accel in _EXIT_BUDGET_S else "tcg"
         self.loop_timeout = 30.0 + plan.reports * plan.iters * _EXIT_BUDGET_S[acc]
         self.tolerance = AFTER_MIGRATION_TOLERANCE_PCT[acc]
+        self.host_key = None
 
     def _phase(self, name: str, t0: float) -> None:
         self.res.durations[name] = round(self.res.durations.get(name, 0.0) + time.monotonic() - t0, 3)
@@ -152,9 +153,13 @@ class _VmexitRun:
     def _boot(self, profile: Profile) -> _L1:
         t0 = time.monotonic()
         name = "l1-" + re.sub(r"[^\w.-]+", "_", profile.name)
-        m = launch_l1(self.ctx, name, self.workdir, self.key, cpu=self.ctx.l1_cpu(profile))
+        started = start_run_l1(self.ctx, name, self.workdir, self.key,
+                               cpu=self.ctx.l1_cpu(profile))
+        m = started.machine
         self.machines.append(m)
-        ready = m.wait_guest_event("ready", self.ctx.boot_timeout)
+        self.host_key = started.host_key  # the same L1 on the destination: the same key
+        self.res.params.setdefault("start", {})[profile.name] = started.record
+        ready = started.ready
         if ready.get("kvm") != "yes":
             raise StepTimeout(f"L1 ({profile.name}) has no /dev/kvm (module {ready.get('module')}): "
                               "cannot run an L2")
@@ -164,7 +169,7 @@ class _VmexitRun:
         return l1
 
     def _shell(self, m: Machine, timeout: float = 30.0) -> L1Shell:
-        sh = L1Shell(m.ssh_port, self.key)
+        sh = L1Shell(m.ssh_port, self.key, host_key=self.host_key)
         self.shells.append(sh)
         sh.connect(timeout)
         return sh

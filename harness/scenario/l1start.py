@@ -52,14 +52,15 @@ class StartedL1:
 
 def start_l1(cfg: MachineConfig, key: RunKey, launch: Callable[[MachineConfig], Machine], *,
              start: str = "snapshot", qemu_version: str = "", boot_timeout: float = 60.0,
-             phases: Callable[[str], Any] | None = None) -> StartedL1:
+             build_key: RunKey | None = None) -> StartedL1:
     """Start one L1 from ``cfg`` (its append without any key: the key is this run's and
     arrives on the command line of a cold boot, or through the control port of a restore).
 
     start "cold": boot, wait for L1's ready event. "snapshot": restore the saved image of
     this configuration (building it first when there is none, or it is stale or corrupt: a
     refused image is discarded and built again, once), reseed, set the clock, install this
-    run's key and a new host key. On failure nothing is left running."""
+    run's key and a new host key. ``build_key``: the key the boot that is saved logs in with
+    (default: one made and forgotten here). On failure nothing is left running."""
     if start not in STARTS:
         raise NestvirtError(f"unknown start {start!r} ({', '.join(STARTS)})")
     if start == "cold":
@@ -70,15 +71,15 @@ def start_l1(cfg: MachineConfig, key: RunKey, launch: Callable[[MachineConfig], 
             m.shutdown()
             raise
         return StartedL1(m, ready, None, {"start": "cold"})
-    return _from_snapshot(cfg, key, launch, qemu_version, boot_timeout)
+    return _from_snapshot(cfg, key, launch, qemu_version, boot_timeout,
+                          build_key or RunKey.generate())
 
 
 def _from_snapshot(cfg: MachineConfig, key: RunKey, launch: Callable[[MachineConfig], Machine],
-                   qemu_version: str, boot_timeout: float) -> StartedL1:
+                   qemu_version: str, boot_timeout: float, build_key: RunKey) -> StartedL1:
     snap_cfg = replace(cfg, control=True, incoming=False)
-    # The boot that is saved gets a key of its own, thrown away after: it logs in once to see
-    # the guest programs are there; a restore replaces it (and the host key) with the run's.
-    build_key = RunKey.generate()
+    # The boot that is saved gets a key of its own, never kept: it logs in once to see the
+    # guest programs are there; a restore replaces it (and the host key) with the run's.
 
     def boot(c: MachineConfig) -> Machine:
         return launch(replace(c, name=f"{c.name}-image",

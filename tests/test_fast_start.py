@@ -1,0 +1,166 @@
+"""Fast start: the saved, booted L1 image (harness/vm/snapshot.py) and the start that restores
+and re-keys it (harness/scenario/l1start.py). Keying and staleness are pure; building,
+reuse, re-keying, corruption and the scenarios run real QEMU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from harness.core.errors import NestvirtError, StepTimeout
+from harness.guest.image import build_tools
+from harness.guest.l1 import HostKey, L1Shell, RunKey
+from harness.scenario import l1start
+from harness.scenario.engine import RunContext, l1_config, launch_config, run_variant
+from harness.scenario.spec import Variant
+from harness.scenario.suite import SCENARIOS
+from harness.vm import snapshot
+from harness.vm.machine import MachineConfig
+from harness.vm.migration import MigrationMode
+
+
+def _cfg(tmp: Path, **kw) -> MachineConfig:
+    for f in ("qemu", "kernel", "initrd"):
+        (tmp / f).write_bytes(f.encode())
+    base = {"name": "src", "qemu": str(tmp / "qemu"), "accel": "tcg", "cpu": "max",
+            "kernel": tmp / "kernel", "initrd": tmp / "initrd", "append": "console=ttyS0"}
+    return MachineConfig(**{**base, **kw})
+
+
+def test_key_changes_with_everything_that_shapes_l1(tmp_path: Path):
+    base = _cfg(tmp_path)
+    k = snapshot.snapshot_key(base, "10.0.2")
+    assert k == snapshot.snapshot_key(base, "10.0.2")
+    # What only names or logs the machine, or where its control port ends, is not its state.
+    for same in (replace(base, name="dst"), replace(base, tcg_svm_log=tmp_path / "svm"),
+                 replace(base, control=True), replace(base, incoming=True)):
+        assert snapshot.snapshot_key(same, "10.0.2") == k
+    changed = [replace(base, mem_mib=1024), replace(base, mem_extra_kib=8), replace(base, smp=2),
+               replace(base, cpu="max,+hv-relaxed"), replace(base, machine="pc-q35-7.2"),
+               replace(base, accel="kvm"), replace(base, append="console=ttyS0 quiet"),
+               replace(base, extra_args=("-global", "x=1")),
+               replace(base, firmware_dirs=(str(tmp_path),))]
+    keys = {snapshot.snapshot_key(c, "10.0.2") for c in changed}
+    assert len(keys) == len(changed) and k not in keys
+    assert snapshot.snapshot_key(base, "7.2.22") != k
+    assert snapshot.snapshot_key(base, "10.0.2", recipe="other") != k
+    # The same path with other bytes (a rebuilt kernel, an upgraded QEMU) is another image.
+    (tmp_path / "kernel").write_bytes(b"a longer kernel")
+    assert snapshot.snapshot_key(base, "10.0.2") != k
+
+
+def _write_image(d: Path, key: str, stream: bytes, **over) -> snapshot.SnapshotImage:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / snapshot.STREAM).write_bytes(stream)
+    img = snapshot.SnapshotImage(key=key, dir=d, sha256=snapshot._sha256(d / snapshot.STREAM),
+                                 size=len(stream))
+    img = replace(img, **over)
+    (d / snapshot.META).write_text(json.dumps(img.to_json()))
+    return img
+
+
+def test_stale_or_half_made_images_are_never_used(tmp_path: Path):
+    d = tmp_path / "img"
+    assert "no complete image" in snapshot.stale_reason(d, "k1")
+    img = _write_image(d, "k1", b"x" * 100)
+    assert snapshot.stale_reason(d, "k1") is None
+    assert snapshot.SnapshotImage.from_json(img.to_json()) == img  # the record's codec
+    assert "not k2" in snapshot.stale_reason(d, "k2")
+    _write_image(d, "k1", b"x" * 100, format=snapshot.SNAPSHOT_FORMAT - 1)
+    assert "format" in snapshot.stale_reason(d, "k1")
+    _write_image(d, "k1", b"x" * 100)
+    (d / snapshot.STREAM).write_bytes(b"x" * 99)  # cut short after the record was written
+    assert "99 bytes" in snapshot.stale_reason(d, "k1")
+    (d / snapshot.META).write_text("{not json")
+    assert "unreadable" in snapshot.stale_reason(d, "k1")
+
+
+def test_a_stream_qemu_refuses_is_unusable_and_nothing_is_left(ctx: RunContext, tmp_path: Path):
+    # Right digest, right size, wrong bytes for QEMU: the load itself must fail, and say so.
+    img = _write_image(tmp_path / "bad", "k", b"\x28\xb5\x2f\xfd" + b"garbage" * 1000)
+    cfg = replace(l1_config(ctx, "src", None, cpu=ctx.host.l1_cpu), control=True)
+    with pytest.raises(snapshot.SnapshotUnusable, match="did not take"):
+        snapshot.restore(cfg, img, lambda c: launch_config(c, tmp_path), timeout=20)
+
+
+def test_nvrekey_refuses_a_malformed_line_before_touching_anything():
+    # On the host only the refusals can run: a good line would reseed and set this clock.
+    tool = build_tools().dir / "nvrekey"
+    for line in ("", "zz 1 t k h", "00 1 t k h", "ab" * 32 + " notanumber t k h",
+                 "ab" * 32 + " 1 t k"):
+        cp = subprocess.run([str(tool)], input=line + "\n", capture_output=True, text=True,
+                            timeout=10)
+        assert cp.returncode == 2, (line, cp.stderr)
+        assert cp.stderr.startswith("nvrekey: ")
+
+
+def test_image_built_once_reused_rekeyed_and_rebuilt_when_corrupt(
+        ctx: RunContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("NESTVIRT_CACHE", str(tmp_path / "cache"))  # a cache of its own
+    cfg = l1_config(ctx, "src", None, cpu=ctx.host.l1_cpu)
+    saver = RunKey.generate()
+    run_a, run_b = RunKey.generate(), RunKey.generate()
+    started = []
+
+    def start(key: RunKey, **kw) -> l1start.StartedL1:
+        s = l1start.start_l1(cfg, key, lambda c: launch_config(c, tmp_path), start="snapshot",
+                             qemu_version=ctx.host.qemu.version, build_key=saver, **kw)
+        started.append(s)
+        return s
+
+    try:
+        a = start(run_a)
+        assert a.record["start"] == "snapshot" and a.record["built"], a.record
+        assert a.ready.get("kvm") == "yes"
+        b = start(run_b)
+        assert not b.record["built"] and b.record["image"] == a.record["image"]
+        # Run B's L1 takes only run B's key: not the saving boot's, not run A's.
+        b.shell(run_b, timeout=10).close()
+        for other in (saver, run_a):
+            with pytest.raises(StepTimeout):
+                L1Shell(b.machine.ssh_port, other, host_key=b.host_key).connect(3)
+        # And serves only the host key it was given (pinned): a connection expecting another
+        # one is refused outright, not retried.
+        with pytest.raises(NestvirtError, match="host key other than"):
+            L1Shell(b.machine.ssh_port, run_b, host_key=HostKey.generate().public).connect(10)
+        # Its clock was set on restore (it stood still while the image lay in the cache), and
+        # two restores of one image draw different random bytes (the CRNG was reseeded).
+        sh_a, sh_b = a.shell(run_a), b.shell(run_b)
+        clock = int(sh_b.run("date +%s", 10).out)
+        assert abs(clock - time.time()) < 5
+        rand = {sh.run("head -c 16 /dev/urandom | od -An -tx1", 10).out for sh in (sh_a, sh_b)}
+        assert len(rand) == 2
+        sh_a.close()
+        sh_b.close()
+        for s in started:
+            s.machine.shutdown()
+        # A byte flipped in the cached stream: detected on restore, the image built again.
+        stream = snapshot.image_dir(a.record["image"]) / snapshot.STREAM
+        stream.chmod(0o644)
+        data = bytearray(stream.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        stream.write_bytes(bytes(data))
+        c = start(RunKey.generate())
+        assert c.record["built"] and c.record["image"] == a.record["image"]
+        assert "rebuilt_because" in c.record, c.record
+    finally:
+        for s in started:
+            s.machine.shutdown()
+
+
+@pytest.mark.parametrize("start", ["snapshot", "cold"])
+def test_paused_identity_passes_from_either_start(ctx: RunContext, start: str):
+    """A restored L1 passes every check, paused identity (RAM page by page, vCPU registers)
+    included; --cold runs the same checks on a booted one; the result says which."""
+    r = run_variant(Variant(SCENARIOS["migrate-paused-identity"], MigrationMode("multifd-zstd")),
+                    replace(ctx, start=start))
+    assert r.verdict == "pass", r.reason
+    assert {c.name for c in r.checks} == set(SCENARIOS["migrate-paused-identity"].checks)
+    assert r.params["start"]["start"] == start
+    if start == "snapshot":
+        assert len(r.params["start"]["image"]) == 16

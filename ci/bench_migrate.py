@@ -47,13 +47,19 @@ def one_harness(out: Path) -> dict:
     return {"seconds": time.monotonic() - t0, "verdict": r.verdict, "reason": r.reason[:200]}
 
 
-def one_bare(out: Path) -> dict:
-    """The same steps with nothing of the harness but its built image (QEMU+qemu.qmp+paramiko)."""
+def one_bare(out: Path, binary=None) -> dict:
+    """The same steps with nothing of the harness but its built image (QEMU+qemu.qmp+paramiko),
+    on the binary the harness side runs (binary: QemuFacts; the inventory's default when not
+    given)."""
     import paramiko
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
     from harness.guest.image import build_l1, build_tools
     from harness.guest.kernel import find_kernel
+    from harness.host.probe import firmware_args, launch_env
+    from harness.qemu.inventory import machine_for, probe_host
+
+    qb = binary or probe_host("tcg").qemu
 
     image = build_l1(find_kernel(), build_tools())
     key = paramiko.ECDSAKey.generate(bits=256)
@@ -70,7 +76,8 @@ def one_bare(out: Path) -> dict:
 
     def qemu(name: str, incoming: bool):
         port = free_port()
-        argv = ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "512",
+        argv = [qb.binary, *firmware_args(qb.firmware_dirs),
+                "-machine", f"{machine_for(qb)},accel=tcg", "-cpu", "max", "-m", "512",
                 "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot",
                 "-kernel", str(image.kernel.image), "-initrd", str(image.initramfs),
                 "-append", append, "-serial", f"file:{out}/{name}.con",
@@ -81,7 +88,7 @@ def one_bare(out: Path) -> dict:
         if incoming:
             argv += ["-incoming", "defer"]
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                             stderr=subprocess.DEVNULL, env=launch_env(qb.module_dir))
         procs.append(p)
         started = time.monotonic()
         while not (sock / f"{name}.qmp").exists():

@@ -82,7 +82,7 @@ def test_stale_or_half_made_images_are_never_used(tmp_path: Path):
 
 def test_a_stream_qemu_refuses_is_unusable_and_nothing_is_left(ctx: RunContext, tmp_path: Path):
     # Right digest, right size, wrong bytes for QEMU: the load itself must fail, and say so.
-    img = _write_image(tmp_path / "bad", "k", b"\x28\xb5\x2f\xfd" + b"garbage" * 1000)
+    img = _write_image(tmp_path / "bad", "k", b"QEVM" + b"garbage" * 1000)
     cfg = replace(l1_config(ctx, "src", None, cpu=ctx.host.l1_cpu), control=True)
     with pytest.raises(snapshot.SnapshotUnusable, match="did not take"):
         snapshot.restore(cfg, img, lambda c: launch_config(c, tmp_path), timeout=20)

@@ -25,12 +25,17 @@ from harness.vm.machine import Machine, MachineConfig
 STARTS = ("snapshot", "cold")
 # How an image is prepared is this file's code: a change to it makes older images stale.
 RECIPE = content_key([Path(__file__)])
-# Both tmpfs mounts (each may take half of RAM), up to free memory less 24 MiB, then freed.
+# Both tmpfs mounts (each may take half of RAM) filled up to free memory less a margin (an
+# eighth of RAM, at least 64 MiB: the kernel's own reserves grow with RAM, and a fill into
+# them wakes the OOM killer), then freed.
 ZERO_FREE_PAGES = (
-    "free=$(awk '/MemFree/ {print int($2/1024) - 24}' /proc/meminfo); half=$((free / 2)); "
+    "set -e; total=$(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo); "
+    "margin=$((total / 8)); [ $margin -ge 64 ] || margin=64; "
+    "free=$(awk '/MemFree/ {print int($2/1024)}' /proc/meminfo); half=$(((free - margin) / 2)); "
+    "if [ $half -gt 0 ]; then "
     "dd if=/dev/zero of=/tmp/.zero bs=1M count=$half 2>/dev/null; "
-    "dd if=/dev/zero of=/run/.zero bs=1M count=$half 2>/dev/null; "
-    "rm -f /tmp/.zero /run/.zero; sync")
+    "dd if=/dev/zero of=/run/.zero bs=1M count=$half 2>/dev/null; fi; "
+    "rm -f /tmp/.zero /run/.zero")
 
 
 @dataclass
@@ -129,7 +134,14 @@ def _prepare(m: Machine, build_key: RunKey, boot_timeout: float) -> dict[str, st
         # Pages the boot freed still hold what was there (the initrd, init code): the saved
         # stream would carry them. Filling free memory with zeros once and freeing it again
         # leaves them zero, which the stream carries as markers (a third of its size).
-        sh.run(ZERO_FREE_PAGES, 120)
+        r = sh.run(ZERO_FREE_PAGES, 120)
+        if r.rc != 0:
+            raise NestvirtError(f"L1 image: zeroing free memory failed (exit {r.rc}): "
+                                f"{r.err.strip()[:200]}")
+        # Still whole after it: every program it had still there, dropbear answering.
+        r = sh.run("kill -0 $(cat /run/dropbear.pid) && ! dmesg | grep -q 'Out of memory'", 15)
+        if r.rc != 0:
+            raise NestvirtError("L1 image: L1 was short of memory while it was prepared")
     finally:
         sh.close()
     return ready

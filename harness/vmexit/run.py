@@ -144,7 +144,7 @@ class _VmexitRun:
         acc = ctx.accel if ctx.accel in _EXIT_BUDGET_S else "tcg"
         self.loop_timeout = 30.0 + plan.reports * plan.iters * _EXIT_BUDGET_S[acc]
         self.tolerance = AFTER_MIGRATION_TOLERANCE_PCT[acc]
-        self.host_key = None
+        self.host_keys: dict[str, Any] = {}  # machine name -> the host key its L1 was given
 
     def _phase(self, name: str, t0: float) -> None:
         self.res.durations[name] = round(self.res.durations.get(name, 0.0) + time.monotonic() - t0, 3)
@@ -157,7 +157,7 @@ class _VmexitRun:
                                cpu=self.ctx.l1_cpu(profile))
         m = started.machine
         self.machines.append(m)
-        self.host_key = started.host_key  # the same L1 on the destination: the same key
+        self.host_keys[m.config.name] = started.host_key  # pinned, the destination's too
         self.res.params.setdefault("start", {})[profile.name] = started.record
         ready = started.ready
         if ready.get("kvm") != "yes":
@@ -169,7 +169,7 @@ class _VmexitRun:
         return l1
 
     def _shell(self, m: Machine, timeout: float = 30.0) -> L1Shell:
-        sh = L1Shell(m.ssh_port, self.key, host_key=self.host_key)
+        sh = L1Shell(m.ssh_port, self.key, host_key=self.host_keys.get(m.config.name))
         self.shells.append(sh)
         sh.connect(timeout)
         return sh
@@ -278,6 +278,7 @@ class _VmexitRun:
         dst = launch_l1(self.ctx, src.machine.config.name + "-dst", self.workdir, self.key,
                         cpu=self.ctx.l1_cpu(src.profile), incoming=True)
         self.machines.append(dst)
+        self.host_keys[dst.config.name] = self.host_keys.get(src.machine.config.name)
         uri = f"tcp:127.0.0.1:{free_port()}"
         outcome = migrate(src.machine, dst, self.plan.mode, uri, self.ctx.migrate_timeout)
         self._phase("migrate", t0)

@@ -5,6 +5,7 @@ reuse, re-keying, corruption and the scenarios run real QEMU."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from dataclasses import replace
@@ -78,6 +79,21 @@ def test_stale_or_half_made_images_are_never_used(tmp_path: Path):
     assert "99 bytes" in snapshot.stale_reason(d, "k1")
     (d / snapshot.META).write_text("{not json")
     assert "unreadable" in snapshot.stale_reason(d, "k1")
+
+
+def test_prune_removes_unused_images_and_leftovers_only(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("NESTVIRT_CACHE", str(tmp_path))
+    root = tmp_path / "l1-snapshots"
+    for key in ("old", "fresh", "kept"):
+        _write_image(root / key, key, b"x")
+    (root / "half.123.tmp").mkdir()
+    now = time.time() + snapshot.UNUSED_DAYS * 86400 + 10
+    for key in ("fresh",):
+        os.utime(root / key / snapshot.META, (now, now))  # used just now
+    gone = snapshot.prune(keep="kept", now=now)
+    assert sorted(gone) == ["half.123.tmp", "old"]
+    assert sorted(x.name for x in root.iterdir() if not x.name.startswith(".")) == ["fresh", "kept"]
 
 
 def test_a_stream_qemu_refuses_is_unusable_and_nothing_is_left(ctx: RunContext, tmp_path: Path):

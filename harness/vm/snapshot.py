@@ -38,6 +38,10 @@ from harness.vm.machine import Machine, MachineConfig, QmpCommandError
 SNAPSHOT_FORMAT = 2
 STREAM = "l1.stream"
 META = "image.json"
+# An image no start used for this long goes when another is built (each is ~100 MB; every
+# change to what shapes L1 makes a new one), as does a builder's leftover after an hour.
+UNUSED_DAYS = 14
+LEFTOVER_S = 3600
 
 
 class SnapshotUnusable(NestvirtError):
@@ -176,7 +180,28 @@ def ensure(cfg: MachineConfig, qemu_version: str, launch: Callable[[MachineConfi
         found = _load(d, key)
         if found is not None:
             return found, False
-        return _build(cfg, qemu_version, recipe, key, d, launch, prepare, timeout), True
+        built = _build(cfg, qemu_version, recipe, key, d, launch, prepare, timeout)
+    prune(keep=key)
+    return built, True
+
+
+def prune(keep: str = "", now: float | None = None) -> list[str]:
+    """Remove images unused for UNUSED_DAYS and builders' leftovers; return what went."""
+    root = cache_root() / "l1-snapshots"
+    now = time.time() if now is None else now
+    gone = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            if d.name.endswith(".tmp"):
+                if now - d.stat().st_mtime > LEFTOVER_S:
+                    shutil.rmtree(d, ignore_errors=True)
+                    gone.append(d.name)
+            elif d.name != keep and now - (d / META).stat().st_mtime > UNUSED_DAYS * 86400:
+                discard(d)
+                gone.append(d.name)
+        except OSError:
+            continue  # another process removed it meanwhile
+    return gone
 
 
 def _build(cfg: MachineConfig, qemu_version: str, recipe: str, key: str, d: Path,
@@ -267,6 +292,8 @@ def restore(cfg: MachineConfig, image: SnapshotImage,
         if status != "paused":
             raise SnapshotUnusable(f"saved image {image.key} loaded into status {status}, "
                                    "not paused")
+        with contextlib.suppress(OSError):
+            os.utime(image.dir / META)  # used: prune() keeps it
     except BaseException:
         m.shutdown()
         raise

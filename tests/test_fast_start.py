@@ -52,7 +52,17 @@ def test_key_changes_with_everything_that_shapes_l1(tmp_path: Path):
     assert snapshot.snapshot_key(base, "10.0.2", recipe="other") != k
     # The same path with other bytes (a rebuilt kernel, an upgraded QEMU) is another image.
     (tmp_path / "kernel").write_bytes(b"a longer kernel")
-    assert snapshot.snapshot_key(base, "10.0.2") != k
+    k2 = snapshot.snapshot_key(base, "10.0.2")
+    assert k2 != k
+    # An initramfs is named by its content: the same one elsewhere is the same image, another
+    # name is another.
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "initrd").write_bytes(b"initrd")
+    assert snapshot.snapshot_key(replace(base, initrd=other / "initrd"), "10.0.2") == k2
+    (other / "initramfs-other.cpio").write_bytes(b"initrd")
+    assert snapshot.snapshot_key(replace(base, initrd=other / "initramfs-other.cpio"),
+                                 "10.0.2") != k2
 
 
 def _write_image(d: Path, key: str, stream: bytes, **over) -> snapshot.SnapshotImage:

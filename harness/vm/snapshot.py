@@ -95,6 +95,17 @@ def _file_identity(path: str | Path) -> str:
     return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def _named_by_content(path: str | Path) -> str:
+    """An initramfs is named by its content key (guest/image.py: build_l1, with_overlay): its
+    name and size say what it is wherever it lies (a selftest run puts its own in its run
+    directory, which a path would make a new image every run)."""
+    p = Path(path)
+    try:
+        return f"{p.name}:{p.stat().st_size}"
+    except OSError:
+        return f"{p.name}:missing"
+
+
 def key_inputs(cfg: MachineConfig, qemu_version: str, recipe: str = "") -> dict[str, Any]:
     """Everything that shapes the saved machine: binary, firmware, kernel, initramfs, machine
     type, CPU, memory, vCPUs, accel, the device set (the template), the command line, and the
@@ -104,7 +115,7 @@ def key_inputs(cfg: MachineConfig, qemu_version: str, recipe: str = "") -> dict[
         "qemu": _file_identity(cfg.qemu), "qemu_version": qemu_version,
         "module_dir": cfg.module_dir,
         "firmware_dirs": [_file_identity(d) for d in cfg.firmware_dirs],
-        "kernel": _file_identity(cfg.kernel), "initrd": _file_identity(cfg.initrd),
+        "kernel": _file_identity(cfg.kernel), "initrd": _named_by_content(cfg.initrd),
         "machine": cfg.machine, "accel": cfg.accel, "cpu": cfg.cpu, "mem_mib": cfg.mem_mib,
         "mem_extra_kib": cfg.mem_extra_kib, "smp": cfg.smp, "append": cfg.append,
         "extra_args": list(cfg.extra_args),

@@ -6,6 +6,7 @@ tests/test_remote.py; no secret in any artefact of a cross-host TLS run: tests/t
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def test_qmp_socket_dirs_are_private(tmp_path: Path):
     try:
         assert (d.stat().st_mode & 0o777) == 0o700
     finally:
-        os.rmdir(d)
+        shutil.rmtree(d)
 
 
 def test_a_variant_file_cannot_add_cpu_properties_through_a_profile():

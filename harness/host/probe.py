@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
+from harness.core import scratch
 from harness.core.errors import SetupError, StepTimeout, UsageError
 from harness.core.proc import reap, spawn
 from harness.host import kvmcaps
@@ -451,7 +451,7 @@ async def _qemu_sessions(
 ) -> tuple[dict[str, Any], tuple[bool, str] | None]:
     """Run the schema QEMU and (optionally) the KVM QEMU side by side."""
     # The pid in the name says whose probe a QEMU belongs to (ps shows the socket path).
-    with tempfile.TemporaryDirectory(prefix=f"nestvirt-probe-{os.getpid()}-") as tmp:
+    with scratch.private_root(f"nestvirt-probe-{os.getpid()}-") as tmp:
         fw = firmware_args(firmware)
         schema_args = [*fw, "-machine", "none", "-accel", "tcg"]
         kvm_args = [*fw, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-S"]

@@ -173,13 +173,8 @@ class HostBudget:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # By process state: a zombie answers kill -0 (PID 1 does not reap here).
+    return proc.pid_alive(pid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,7 +388,7 @@ def run_jobs(jobs: list[Job], *, parallel: int, budget: HostBudget,
                 waited_since = 0.0
                 pending.pop(0)
                 recv, send = mp.Pipe(duplex=False)
-                p = mp.Process(target=_worker, args=(job.to_json(), send, execute),
+                p = mp.Process(target=_worker, args=(job.to_json(), send, execute, os.getpid()),
                                name=f"nestvirt-{job.id}")
                 p.start()
                 send.close()
@@ -486,7 +481,10 @@ def _interrupt_once(signum: int, frame: object) -> None:
 
 
 def _worker(job_json: dict[str, Any], conn: Any,
-            execute: Callable[[Job], dict[str, Any]] | None) -> None:
+            execute: Callable[[Job], dict[str, Any]] | None, parent: int | None = None) -> None:
+    if parent is not None:
+        # A SIGKILLed CLI takes its workers with it (and they their QEMUs: proc.spawn).
+        proc.die_with_parent(parent)
     signal.signal(signal.SIGINT, _interrupt_once)
     signal.signal(signal.SIGTERM, _interrupt_once)
     job = Job.from_json(job_json)

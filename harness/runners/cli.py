@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from harness.core import proc
+from harness.core import proc, scratch
 from harness.core.errors import SetupError, UsageError
 from harness.matrix.engines import runner_for
 from harness.results import known
@@ -182,7 +182,10 @@ def _add_selftest_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    # Private temp roots of runs that were killed (SIGKILL leaves them): their owners are gone.
+    scratch.sweep()
     try:
         args = build_parser().parse_args(argv)
         return {"doctor": cmd_doctor, "qemu": cmd_qemu, "list": cmd_list, "run": cmd_run,
@@ -198,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         proc.reap_all()
 
 
-def _sigterm(signum: int, frame: object) -> None:
+def _interrupt(signum: int, frame: object) -> None:
+    # Ctrl-C and SIGTERM alike: stop, reap, keep what finished. A second signal must not
+    # interrupt the teardown the first started.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

@@ -15,14 +15,13 @@ import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from harness.core import proc
+from harness.core import proc, scratch
 from harness.core.cache import file_digest
 from harness.core.errors import NestvirtError, SetupError, StepTimeout
 from harness.guest.image import L1Image, with_overlay
@@ -362,7 +361,7 @@ def run_in_l1(plan: SelftestPlan, ctx: RunContext, progress: Progress | None = N
             results[t.name] = not_run(t, plan, "skip", skip)
         runnable = []
     if runnable:
-        with tempfile.TemporaryDirectory(prefix="nestvirt-ksft-") as tmp:
+        with scratch.private_root("nestvirt-ksft-") as tmp:
             image = selftest_image(ctx.image, runnable, Path(tmp))
             overlay_mib = (image.initramfs.stat().st_size - ctx.image.initramfs.stat().st_size) >> 20
             # Room for the unpacked overlay twice (archive + files) on top of what was asked.

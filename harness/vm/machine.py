@@ -10,7 +10,6 @@ import logging
 import re
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import jinja2
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from harness.core import proc
+from harness.core import proc, scratch
 from harness.core.errors import NestvirtError, StepTimeout
 from harness.core.paths import TEMPLATES
 from harness.guest.kernlog import qemu_exit_story
@@ -102,7 +101,7 @@ class Machine:
         # AF_UNIX paths stop at 108 bytes; result dirs are deeper than that, so sockets
         # live in a short private directory that shutdown() removes.
         if self._sockdir is None:
-            self._sockdir = Path(tempfile.mkdtemp(prefix="nestvirt-"))
+            self._sockdir = scratch.private_dir()
         return self._sockdir / f"{self.config.name}.qmp"
 
     def qmp_spec(self) -> str:

@@ -1,0 +1,163 @@
+"""Nothing outlives the harness: children die with it (PR_SET_PDEATHSIG from one long-lived
+spawner thread), private temp roots of dead runs are swept, and a SIGKILLed CLI leaves no QEMU.
+Real processes throughout; liveness judged by /proc state (PID 1 here does not reap)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.core import proc, scratch
+from harness.remote import netns
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_dead(pid: int, timeout: float = 5.0) -> str:
+    deadline = time.monotonic() + timeout
+    while proc.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc.pid_state(pid)
+
+
+def test_a_child_outlives_the_short_lived_thread_that_asked_for_it():
+    # The parent-death signal fires when the forking *thread* ends: a -j worker thread or a
+    # probe thread that returns must not take its QEMU with it.
+    got: dict[str, subprocess.Popen] = {}
+    t = threading.Thread(target=lambda: got.update(p=proc.spawn(["sleep", "30"])))
+    t.start()
+    t.join()
+    time.sleep(0.3)
+    p = got["p"]
+    try:
+        assert proc.pid_state(p.pid) == "S"
+    finally:
+        proc.reap(p)
+
+
+def test_a_sigkilled_parent_takes_its_children_with_it(tmp_path: Path):
+    code = ("import threading, time\nfrom harness.core import proc\n"
+            "t = threading.Thread(target=lambda: print(proc.spawn(['sleep', '300']).pid, "
+            "flush=True))\n"
+            "t.start(); t.join(); time.sleep(300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        child = int(parent.stdout.readline().split()[0])
+        assert proc.pid_alive(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(5)
+        assert wait_dead(child) in ("Z", "gone"), "the child outlived its SIGKILLed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def test_a_child_dies_when_its_parent_is_gone_before_it_asked(tmp_path: Path):
+    # The race the check after prctl closes: the parent died between fork and prctl.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cp = subprocess.run([sys.executable, "-c", f"from harness.core import proc; "
+                         f"proc.die_with_parent({dead.pid}); print('still here')"],
+                        cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 137 and "still here" not in cp.stdout
+
+
+def test_a_child_starts_in_its_callers_network_namespace():
+    why = netns.available()
+    if why:
+        pytest.skip(why)
+    name = f"nvt{os.getpid() % 100000}"
+    proc.run(["ip", "netns", "add", name], 10)
+    try:
+        with netns.entered(name):
+            mine = netns.current()
+            theirs = proc.run(["readlink", "/proc/self/ns/net"], 10).stdout.strip()
+        assert theirs == mine != netns.current()
+        # And the spawner came back: the next child is in this thread's namespace again.
+        assert proc.run(["readlink", "/proc/self/ns/net"], 10).stdout.strip() == netns.current()
+    finally:
+        proc.run(["ip", "netns", "del", name], 10, check=False)
+
+
+def test_pid_state_sees_a_zombie_that_kill_0_calls_alive():
+    p = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while proc.pid_state(p.pid) != "Z" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        os.kill(p.pid, 0)  # succeeds on a zombie: why liveness is read from /proc
+        assert proc.pid_state(p.pid) == "Z" and not proc.pid_alive(p.pid)
+    finally:
+        p.wait()
+    assert proc.pid_state(p.pid) == "gone"
+
+
+def test_the_janitor_sweeps_only_roots_of_dead_owners(tmp_path: Path):
+    mine = scratch.private_dir(parent=tmp_path)
+    assert (mine.stat().st_mode & 0o777) == 0o700
+    zombie = subprocess.Popen(["true"])
+    dead = scratch.private_dir(parent=tmp_path)
+    (dead / scratch.OWNER).write_text(f"{zombie.pid} 1\n")
+    reused = scratch.private_dir(parent=tmp_path)
+    (reused / scratch.OWNER).write_text(f"{os.getpid()} 1\n")  # a pid that now is someone else
+    foreign = tmp_path / "nestvirt-someone-elses"
+    foreign.mkdir()
+    time.sleep(0.2)
+    try:
+        removed = scratch.sweep(tmp_path)
+    finally:
+        zombie.wait()
+    assert sorted(removed) == sorted([dead, reused])
+    assert mine.exists() and foreign.exists() and not dead.exists() and not reused.exists()
+
+
+def qemus_naming(path: Path) -> list[tuple[int, str]]:
+    """(pid, state) of live QEMU processes whose command line names ``path``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(str(path).encode() in a for a in argv):
+            state = proc.pid_state(int(d.name))
+            if state not in ("Z", "X", "gone"):
+                found.append((int(d.name), state))
+    return found
+
+
+@pytest.mark.qemu
+def test_sigkill_of_the_cli_mid_run_leaves_no_live_qemu(tmp_path: Path):
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "harness", "run", "migrate-plain",
+                          "--compression", "none", "--out", str(out)], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not qemus_naming(out) and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        assert qemus_naming(out), "the run started no QEMU to kill"
+        time.sleep(1.0)
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        deadline = time.monotonic() + 5
+        while qemus_naming(out) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not qemus_naming(out), f"left running: {qemus_naming(out)}"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for pid, _ in qemus_naming(out):
+            os.kill(pid, signal.SIGKILL)

@@ -171,8 +171,9 @@ def one_run(n: int, rng: random.Random, base: Path, python: str) -> dict:
         time.sleep(0.1)
     if p.poll() is None:
         if target == "worker":
+            # Job workers run spawn_main; the resource tracker beside them is not one.
             workers = [c for c in children(p.pid)
-                       if any(b"multiprocessing" in a for a in cmdline(c))]
+                       if any(b"spawn_main" in a for a in cmdline(c))]
             victim = workers[0] if workers else None
         tree.update(children(p.pid))
         try:

@@ -6,6 +6,7 @@ Pure text functions, shared by the machine (a QEMU that exited), the checks and 
 from __future__ import annotations
 
 import re
+import signal
 
 # Kernel log lines that mean L1 (or its KVM) was hurt; KVM's own warnings come with "kvm".
 BAD_KERNEL_LINE = re.compile(
@@ -23,12 +24,22 @@ def bad_lines(lines: list[str]) -> list[str]:
     return [ln.strip() for ln in lines if BAD_KERNEL_LINE.search(ln)]
 
 
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return "unknown"
+
+
 def qemu_exit_story(error_lines: list[str], returncode: int | None, console: list[str]) -> str:
     """How an L1's QEMU ended, in one line: its stderr, else its status and L1's last words."""
+    killed = (f"killed by signal {-returncode} ({_signal_name(-returncode)})"
+              if returncode is not None and returncode < 0 else None)
     if error_lines:
-        return " | ".join(error_lines[-3:])
-    if returncode is not None and returncode < 0:
-        how = f"killed by signal {-returncode}"
+        # A signal is said first: stderr then holds what QEMU said before, not why it ended.
+        return (f"{killed}; stderr: " if killed else "") + " | ".join(error_lines[-3:])
+    if killed:
+        how = killed
     elif returncode == 0:
         how = "status 0, no stderr (L1 powered off, or reset under -no-reboot)"
     else:

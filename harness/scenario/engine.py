@@ -224,9 +224,13 @@ class _ScenarioRun:
         self.res.params["start"] = started.record
         return started
 
-    def _machine(self, name: str, incoming: bool, tcg_svm_log: Path | None = None) -> Machine:
+    def _machine(self, name: str, incoming: bool, tcg_svm_log: Path | None = None,
+                 faulty: bool = False) -> Machine:
         assert name == "dst" and incoming, "the source starts through start_l1"
-        return self._destination().launch(self._config(name), creds=self.tls)
+        cfg = self._config(name)
+        if faulty:  # a fault may start the first destination differently (faults.py)
+            cfg = faults.shape_destination(self.spec.inject, cfg)
+        return self._destination().launch(cfg, creds=self.tls)
 
     def _shell(self, m: Machine, timeout: float = 30.0) -> L1Shell:
         sh = L1Shell(m.ssh_port, self.key, opener=m.l1_ssh_opener(), host_key=self.host_key)
@@ -283,6 +287,9 @@ class _ScenarioRun:
                 self._check_source(sh)
                 if faults.retries(spec.inject):
                     outcome = self._retry(trace)
+            elif outcome.status != "completed" and not spec.paused:
+                self.res.checks.append(ck.source_intact(
+                    None, None, None, error=f"the source QEMU is gone: {self.src.exit_story()}"))
             expected = "paused" if spec.paused else "running"
             if outcome.dst_status == "exited" or not self.dst.alive():
                 self.dst.wait_exit(5.0)
@@ -324,7 +331,7 @@ class _ScenarioRun:
             if self.dst is not None:
                 self._set_aside_dst(n - 1)
             with self.timer.phase("start_dst"):
-                self.dst = self._machine("dst", incoming=True)
+                self.dst = self._machine("dst", incoming=True, faulty=n == 1 and first)
             decide = None
             if trace is not None:
                 decide = self._switchover_decision(trace, attempts, n, last=n == tries)

@@ -19,15 +19,18 @@ Points, in the order a run reaches them:
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from harness.core.errors import StepTimeout, UsageError
 from harness.guest.l1 import L1Shell
 from harness.remote.link import Link
-from harness.vm.machine import Machine
+from harness.vm.machine import Machine, MachineConfig
 from harness.vm.tls import TlsCredentials
 
 POINTS = ("before-migrate", "before-dst", "during-migrate", "after-migrate", "in-guest",
@@ -100,6 +103,8 @@ class Fault:
     needs_remote: bool = False  # the destination must be on another host (a link to act on)
     retry: bool = False  # after the failure, verify the source and migrate it again
     detail_re: str | None = None  # what must_fail's detail says (the destination's own line)
+    # How the first destination is started instead (a retry's destination is a healthy one).
+    dst_config: Callable[[MachineConfig], MachineConfig] | None = None
 
     def __post_init__(self) -> None:
         for point in self.actions:
@@ -179,18 +184,76 @@ def _throttle(at: At) -> None:
     at.network().throttle(CUT_THROTTLE)
 
 
-def _cut_mid_stream(at: At) -> None:
-    src, deadline = at.source(), time.monotonic() + 30
+def _wait_sent(src: Machine, what: str, nbytes: int = CUT_AFTER_BYTES) -> int:
+    """Wait (bounded) until the source has sent nbytes of RAM; returns the count then."""
+    deadline = time.monotonic() + 30
     while True:
         info = src.qmp("query-migrate")
         if info.get("status") in ("completed", "failed", "cancelled"):
-            raise StepTimeout(f"cut-link: migration ended ({info.get('status')}) before the cut")
-        if info.get("ram", {}).get("transferred", 0) >= CUT_AFTER_BYTES:
-            break
+            raise StepTimeout(f"{what}: migration ended ({info.get('status')}) before the fault")
+        sent = info.get("ram", {}).get("transferred", 0)
+        if sent >= nbytes:
+            return sent
         if time.monotonic() > deadline:
-            raise StepTimeout("cut-link: fewer than 4 MiB sent in 30 s: nothing to cut")
-        time.sleep(0.05)
+            raise StepTimeout(f"{what}: fewer than {nbytes >> 20} MiB sent in 30 s: "
+                              "no stream to act on")
+        time.sleep(0.02)
+
+
+def _cut_mid_stream(at: At) -> None:
+    _wait_sent(at.source(), "cut-link")
     at.network().down()
+
+
+# Mid-stream faults on one host: the source is slowed to this for the first migration (the
+# mode's own limit is set again for the retry), so the fault lands while RAM is in flight
+# (512 MiB of L1 on loopback is otherwise sent in well under a second).
+MID_STREAM_BANDWIDTH = 64 << 20
+
+
+def _mid_stream(what: str, act: Callable[[Machine, Machine], None]) -> Action:
+    def run(at: At) -> None:
+        src = at.source()
+        src.qmp("migrate-set-parameters", **{"max-bandwidth": MID_STREAM_BANDWIDTH})
+        _wait_sent(src, what)
+        act(src, at.destination())
+    return run
+
+
+def _sigkill(m: Machine) -> None:
+    if m.pid is not None:
+        os.kill(m.pid, signal.SIGKILL)
+        m.wait_exit(5.0)
+
+
+def _crash_on(command: str) -> Callable[[Machine, Machine], None]:
+    """Arm the source so that it crashes (SIGSEGV) while it answers `command`."""
+    def arm(src: Machine, dst: Machine) -> None:
+        def hook(name: str) -> None:
+            if name == command and src.pid is not None:
+                src.command_hook = None
+                # Just after the command is on its way: QEMU dies under it.
+                threading.Timer(0.005, os.kill, (src.pid, signal.SIGSEGV)).start()
+        src.command_hook = hook
+    return arm
+
+
+def _crash_dst_on(command: str) -> Action:
+    def run(at: At) -> None:
+        dst = at.destination()
+
+        def hook(name: str) -> None:
+            if name == command and dst.pid is not None:
+                dst.command_hook = None
+                threading.Timer(0.005, os.kill, (dst.pid, signal.SIGSEGV)).start()
+        dst.command_hook = hook
+    return run
+
+
+def _more_ram(cfg: MachineConfig) -> MachineConfig:
+    # 64 MiB more than the source: the destination's RAM block has another length, so it
+    # refuses the stream at the RAM section and says so on its stderr.
+    return replace(cfg, mem_mib=cfg.mem_mib + 64)
 
 
 def _restore_link(at: At) -> None:
@@ -277,6 +340,46 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
            "after-migrate": _restore_link, "teardown": _restore_link},
           must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
           needs_remote=True, retry=True, detail_re=r"source status stalled: no progress"),
+    # One host, mid-stream (the source slowed so that RAM is in flight): each must end in a
+    # verdict within its timeout; where the source survives it must verify and a retry to a
+    # fresh destination complete.
+    Fault("kill-dst-mid", "the destination QEMU is SIGKILLed mid-stream; retry to a new one",
+          {"during-migrate": _mid_stream("kill-dst-mid", lambda src, dst: _sigkill(dst))},
+          must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
+          retry=True, detail_re=r"source status failed"),
+    Fault("kill-src-mid", "the source QEMU is SIGKILLed mid-stream: a clear fail, no hang",
+          {"during-migrate": _mid_stream("kill-src-mid", lambda src, dst: _sigkill(src))},
+          must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
+          also_fails=("source-intact", "dst-qemu-alive", "l1-ssh-on-dst"),
+          detail_re=r"source status source-exited: the source QEMU exited mid-migration: "
+                    r"killed by signal 9"),
+    Fault("cancel-mid-stream", "migrate_cancel once 4 MiB are in flight; retry to a new "
+          "destination", {"during-migrate": _mid_stream(
+              "cancel-mid-stream", lambda src, dst: src.qmp("migrate_cancel"))},
+          must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
+          retry=True, detail_re=r"source status cancelled"),
+    Fault("dst-refuses", "the destination is started with 64 MiB more RAM, so it refuses the "
+          "stream; retry to a destination like the source", {},
+          must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
+          retry=True, dst_config=_more_ram,
+          detail_re=r"source status failed.*; destination: .*(mismatch|ength)"),
+    Fault("hang-src", "the source QEMU is SIGSTOPped mid-stream (L1 and its QEMU hang): no "
+          "progress, said at once, never waited on", {"during-migrate": _mid_stream(
+              "hang-src", lambda src, dst: os.kill(src.pid or 0, signal.SIGSTOP))},
+          must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
+          also_fails=("source-intact", "dst-qemu-alive", "l1-ssh-on-dst"),
+          detail_re=r"source status source-hung: no progress: the source QEMU does not answer "
+                    r".*stopped"),
+    Fault("crash-src-on-qmp", "the source QEMU crashes (SIGSEGV) while it answers a "
+          "query-migrate mid-stream", {"during-migrate": _mid_stream(
+              "crash-src-on-qmp", _crash_on("query-migrate"))},
+          must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
+          also_fails=("source-intact", "dst-qemu-alive", "l1-ssh-on-dst"),
+          detail_re=r"source-exited: .*killed by signal 11 \(SIGSEGV\)"),
+    Fault("crash-dst-on-qmp", "the destination QEMU crashes (SIGSEGV) while it answers the "
+          "query-status after the migration", {"during-migrate": _crash_dst_on("query-status")},
+          must_fail="dst-qemu-alive", scenario="migrate-plain", needs_paused=False,
+          also_fails=("l1-ssh-on-dst",), detail_re=r"killed by signal 11 \(SIGSEGV\)"),
 )}
 
 INJECTIONS = tuple(FAULTS)
@@ -288,6 +391,12 @@ def get_fault(name: str) -> Fault:
         return FAULTS[name]
     except KeyError:
         raise UsageError(f"unknown fault '{name}' (choose from {', '.join(INJECTIONS)})") from None
+
+
+def shape_destination(fault: str | None, cfg: MachineConfig) -> MachineConfig:
+    """The first destination's config as the run's fault (if any) wants it started."""
+    shape = FAULTS[fault].dst_config if fault is not None else None
+    return shape(cfg) if shape is not None else cfg
 
 
 def retries(fault: str | None) -> bool:

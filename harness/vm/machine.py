@@ -83,6 +83,8 @@ class Machine:
     events_seen: list[dict] = field(default_factory=list)
     _sockdir: Path | None = None
     _control: socket.socket | None = None
+    # Called with each QMP command's name just before it is sent (a fault can act there).
+    command_hook: Callable[[str], None] | None = None
 
     @property
     def console_log(self) -> Path:
@@ -204,12 +206,21 @@ class Machine:
         """Execute one QMP command; return its result or raise QmpCommandError."""
         if self._qmp is None:
             raise QmpCommandError(command, "no QMP connection")
+        if self._proc is not None and proc.pid_state(self._proc.pid) == "T":
+            # A stopped process answers nothing: asking would only wait out the timeout.
+            raise QmpCommandError(command, "not asked: the QEMU process is stopped (state T)")
+        if self.command_hook is not None:
+            self.command_hook(command)
         self._log("->", {"execute": command, "arguments": args})
         self._qmp.settimeout(timeout)
         try:
             resp = self._qmp.cmd_raw(command, args or None)
-        except (QMPError, OSError, TimeoutError) as e:
+        except (QMPError, OSError, TimeoutError, EOFError) as e:
             self._log("!!", {"error": repr(e)})
+            if self._proc is not None and self.wait_exit(1.0) is not None:
+                # QEMU died under the command: its end says more than the broken socket.
+                raise QmpCommandError(command, f"QEMU exited while answering it: "
+                                               f"{self.exit_story()}") from e
             raise QmpCommandError(command, f"connection failed: {e!r}") from e
         finally:
             self._qmp.settimeout(None)

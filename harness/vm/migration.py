@@ -16,6 +16,11 @@ from harness.vm.tls import TLS_MODES, TlsCredentials
 
 COMPRESSION_MODES = ("none", "multifd-zlib", "multifd-zstd", "compress", "xbzrle")
 TERMINAL = {"completed", "failed", "cancelled"}
+# Outcomes the source never reported because it could not: it died, or stopped answering.
+SOURCE_EXITED = "source-exited"
+SOURCE_HUNG = "source-hung"
+# How long one question to a migrating source may take before it counts as hung.
+QUERY_TIMEOUT_S = 10.0
 
 # Parameters worth reading back into the result: those the modes set, plus the limits.
 RECORDED_PARAMS = (
@@ -151,7 +156,7 @@ class MigrationMode:
 class MigrationOutcome:
     """What happened, as the source and the destination each saw it."""
 
-    status: str  # completed | failed | cancelled | timeout
+    status: str  # completed | failed | cancelled | timeout | stalled | source-exited | source-hung
     error: str | None = None
     seconds: float = 0.0
     stats: dict = field(default_factory=dict)
@@ -254,12 +259,14 @@ def migrate(src: Machine, dst: Machine, mode: MigrationMode, uri: str,
             left = max(1.0, timeout - (time.monotonic() - t0))
             reached, why, ms = _wait_end(src, time.monotonic() + left, left, stall_timeout,
                                          TERMINAL)
-        if reached in ("timeout", "stalled"):
+        if reached in ("timeout", "stalled", SOURCE_EXITED, SOURCE_HUNG):
             out.status, out.error, out.cancel_ms = reached, why, ms
     finally:
         out.threads = sampler.stop() if sampler is not None else {}
     out.seconds = round(time.monotonic() - t0, 3)
     try:
+        if out.status in (SOURCE_EXITED, SOURCE_HUNG):
+            raise QmpCommandError("query-migrate", "not asked: " + out.status)
         info = src.qmp("query-migrate")
         deadline = time.monotonic() + 2.0
         while (info.get("status") == "completed" and not info.get("total-time")
@@ -348,12 +355,19 @@ def _wait_end(src: Machine, deadline: float, timeout: float, stall_timeout: floa
             ev = src.wait_qmp_event({"MIGRATION"}, min(left, 0.5),
                                     match=lambda e: e.get("data", {}).get("status") in wanted)
             return ev["data"]["status"], None, None
-        except StepTimeout as e:
+        except StepTimeout:
             if not src.alive():
-                return "timeout", str(e), None
+                return SOURCE_EXITED, f"the source QEMU exited mid-migration: {src.exit_story()}", None
         if stall_timeout is None:
             continue
-        info = src.qmp("query-migrate")
+        try:
+            info = src.qmp("query-migrate", timeout=min(stall_timeout, QUERY_TIMEOUT_S))
+        except QmpCommandError as e:
+            # A source that cannot say how far it got makes no progress either; asking again
+            # (or cancelling) would wait on it once more.
+            if src.wait_exit(1.0) is not None:
+                return SOURCE_EXITED, f"the source QEMU exited mid-migration: {e.desc}", None
+            return SOURCE_HUNG, f"no progress: the source QEMU does not answer ({e.desc})", None
         key, now = progress_key(info), time.monotonic()
         if key != last_key:
             last_key, last_move = key, now
@@ -383,11 +397,18 @@ def _wait_new_lines(dst: Machine, seen: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
+_GENERIC_LOAD_LINES = ("error while loading state", "load of migration failed")
+
+
 def telling_line(lines: list[str]) -> str | None:
-    """The line that says most: the first naming TLS or authz, else the last; no prefix."""
+    """The line that says most: the first naming TLS or authz, else the first that is not
+    QEMU's generic follow-up ("error while loading state ...", "load of migration failed"),
+    which says the cause (a RAM size mismatch); else the last. No prefix."""
     if not lines:
         return None
-    pick = next((x for x in lines if "TLS" in x or "authz" in x), lines[-1])
+    cause = [x for x in lines if not any(g in x for g in _GENERIC_LOAD_LINES)]
+    pick = next((x for x in lines if "TLS" in x or "authz" in x),
+                cause[0] if cause else lines[-1])
     return pick.split(": ", 1)[1] if pick.startswith("qemu-system") and ": " in pick else pick
 
 

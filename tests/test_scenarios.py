@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 
+from harness.scenario import faults
 from harness.scenario.binaries import plan_qemu
 from harness.scenario.engine import RunContext, run_variant
 from harness.scenario.faults import FAULTS
@@ -133,6 +134,9 @@ def test_each_check_catches_its_broken_case(ctx: RunContext, inject: str, scenar
         # The same source to a fresh destination, after the fault: it completes, and the
         # destination checks (all passing, above) judged that one.
         assert check(r, "retry-completed").ok, check(r, "retry-completed").detail
+    if f.actions.get("during-migrate") and inject in ("kill-dst-mid", "cancel-mid-stream"):
+        # Mid-stream for real: RAM was in flight when the fault acted.
+        assert r.metrics["migration"]["ram_transferred"] >= faults.CUT_AFTER_BYTES
     # A verdict within the run's bounds, never a wait on a dead or hung QEMU.
     assert r.durations["total"] < 150, r.durations
     if inject == "panic-dst":

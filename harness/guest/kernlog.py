@@ -19,6 +19,21 @@ BAD_KERNEL_LINE = re.compile(
 )
 
 
+# Lines after which L1 is dead or no longer to be trusted: a panic, or an oops of the kernel
+# itself (a user process's "general protection fault" line in traps: is not one).
+DEATH_LINE = re.compile(
+    r"Kernel panic - not syncing|\bOops\b|kernel BUG at|BUG: (?:unable to handle|kernel NULL)|"
+    r"\[#\d+\] (?:PREEMPT|SMP)")
+
+
+def death_line(lines: list[str]) -> str | None:
+    """The line that says the kernel died (the panic line if there is one), or None."""
+    dead = [ln.strip() for ln in lines if DEATH_LINE.search(ln)]
+    if not dead:
+        return None
+    return next((ln for ln in dead if "Kernel panic" in ln), dead[0])
+
+
 def bad_lines(lines: list[str]) -> list[str]:
     """The lines that mean the kernel (or its KVM) was hurt, stripped, in order."""
     return [ln.strip() for ln in lines if BAD_KERNEL_LINE.search(ln)]

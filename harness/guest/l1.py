@@ -87,6 +87,14 @@ def new_nonce() -> str:
     return secrets.token_hex(8)
 
 
+class L1Dead(StepTimeout):
+    """L1 was seen dead (its QEMU exited, or its console said panic/oops) during a wait."""
+
+
+# How often a wait on L1 looks at its QEMU and console.
+POLL_S = 0.05
+
+
 @dataclass(frozen=True)
 class CommandResult:
     rc: int
@@ -122,7 +130,8 @@ class L1Shell:
 
     def __init__(self, port: int, key: RunKey, host: str = "127.0.0.1",
                  opener: Callable[[], Any] | None = None,
-                 host_key: paramiko.PKey | None = None) -> None:
+                 host_key: paramiko.PKey | None = None,
+                 death: Callable[[], str | None] | None = None) -> None:
         self.port = port
         self.key = key
         self.host = host
@@ -130,13 +139,22 @@ class L1Shell:
         # Pinned: the harness gave L1 its host key (a re-keyed L1); None: accepted as offered
         # (a cold L1 makes its own on first connection, unannounced).
         self.host_key = host_key
+        # Says why L1 is dead (its QEMU exited, its console panicked), or None: every wait
+        # here asks it, so a dead L1 ends the wait at once instead of at its timeout.
+        self.death = death
         self._client: paramiko.SSHClient | None = None
 
+    def _check_alive(self, doing: str) -> None:
+        why = self.death() if self.death is not None else None
+        if why:
+            raise L1Dead(f"L1 died while {doing}: {why}")
+
     def connect(self, timeout: float = 30.0) -> float:
-        """Retry until dropbear answers; return seconds taken."""
+        """Retry until dropbear answers; return seconds taken. L1Dead once L1 is seen dead."""
         t0 = time.monotonic()
         last = "no attempt"
         while time.monotonic() - t0 < timeout:
+            self._check_alive(f"SSH was connecting to port {self.port}")
             client = paramiko.SSHClient()
             if self.host_key is not None:
                 name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
@@ -162,19 +180,42 @@ class L1Shell:
         raise StepTimeout(f"SSH to L1 on port {self.port} failed for {timeout:g}s ({last})")
 
     def run(self, command: str, timeout: float = 30.0) -> CommandResult:
-        """Run one shell command in L1; raise StepTimeout if it does not finish in time."""
+        """Run one shell command in L1; raise StepTimeout if it does not finish in time, and
+        L1Dead (a StepTimeout) as soon as L1 is seen dead while it runs."""
         if self._client is None:
             raise StepTimeout("SSH not connected")
+        self._check_alive(f"running {command[:60]!r}")
+        deadline = time.monotonic() + timeout
         try:
-            _, stdout, stderr = self._client.exec_command(command, timeout=timeout)
-            out = stdout.read().decode(errors="replace")
-            err = stderr.read().decode(errors="replace")
-            rc = stdout.channel.recv_exit_status()
-            stdout.channel.close()  # dropbear caps open channels per connection
-        except (TimeoutError, paramiko.SSHException, EOFError, OSError) as e:
+            chan = self._client.get_transport().open_session(timeout=timeout)
+            chan.settimeout(POLL_S)
+            chan.exec_command(command)
+            out, err = bytearray(), bytearray()
+            while True:
+                got = False
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                    got = True
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                    got = True
+                if chan.exit_status_ready() and not chan.recv_ready() and \
+                        not chan.recv_stderr_ready():
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                if not got:
+                    self._check_alive(f"running {command[:60]!r}")
+                    time.sleep(POLL_S)
+            rc = chan.recv_exit_status()
+            chan.close()  # dropbear caps open channels per connection
+        except L1Dead:
+            raise
+        except (TimeoutError, paramiko.SSHException, EOFError, OSError, AttributeError) as e:
+            self._check_alive(f"running {command[:60]!r}")
             raise StepTimeout(f"L1 command timed out or dropped after {timeout:g}s: "
                               f"{command[:60]!r} ({type(e).__name__})") from e
-        return CommandResult(rc, out, err)
+        return CommandResult(rc, out.decode(errors="replace"), err.decode(errors="replace"))
 
     def run_many(self, commands: Mapping[str, str], timeout: float = 30.0
                  ) -> dict[str, CommandResult]:

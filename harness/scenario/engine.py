@@ -233,7 +233,8 @@ class _ScenarioRun:
         return self._destination().launch(cfg, creds=self.tls)
 
     def _shell(self, m: Machine, timeout: float = 30.0) -> L1Shell:
-        sh = L1Shell(m.ssh_port, self.key, opener=m.l1_ssh_opener(), host_key=self.host_key)
+        sh = L1Shell(m.ssh_port, self.key, opener=m.l1_ssh_opener(), host_key=self.host_key,
+                     death=m.death_watch())
         self.shells.append(sh)
         sh.connect(timeout)
         return sh

@@ -152,6 +152,11 @@ def _nmi_dst(at: At) -> None:
         dst.wait_exit(30.0)
 
 
+def _nmi_dst_now(at: At) -> None:
+    # As _nmi_dst, but without waiting: L1 dies while the harness goes on to SSH into it.
+    at.destination().qmp("inject-nmi")
+
+
 def _cancel(at: At) -> None:
     at.source().qmp("migrate_cancel")
 
@@ -291,7 +296,8 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           {"before-compare": _run_dst_briefly},
           must_fail="ram-identical", scenario="migrate-paused-identity", needs_paused=True,
           also_fails=("vcpu-registers-identical",)),
-    Fault("cancel-migration", "migrate_cancel right after the migration starts",
+    Fault("cancel-migration", "migrate_cancel right after the migration starts (still in setup: "
+          "no RAM sent yet; cancel-mid-stream cancels with RAM in flight)",
           {"during-migrate": _cancel},
           must_fail="migration-completed", scenario="migrate-plain",
           also_fails=("dst-qemu-alive", "l1-ssh-on-dst")),
@@ -307,6 +313,18 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
            "after-migrate": _nmi_dst},
           must_fail="dst-qemu-alive", scenario="migrate-plain", needs_paused=False,
           also_fails=("l1-ssh-on-dst", "kernel-log-clean")),
+    # L1 dies while the harness waits on it: recognised from its console and its QEMU's
+    # exit at once (guest/l1.py's death watch), not at the SSH or command timeout.
+    Fault("panic-in-guest", "L1 on the destination crashes itself (sysrq c) during a guest step",
+          {"in-guest": _sh("echo c > /proc/sysrq-trigger")},
+          must_fail="l1-responsive-on-dst", scenario="migrate-plain", needs_paused=False,
+          also_fails=("kernel-log-clean",), detail_re=r"L1 died while running .*(panic|sysrq)"),
+    Fault("panic-dst-early", "an NMI panics L1 on the destination just as the harness starts "
+          "to SSH into it", {"before-migrate": _sh("echo 1 > /proc/sys/kernel/unknown_nmi_panic"),
+                             "after-migrate": _nmi_dst_now},
+          must_fail="l1-ssh-on-dst", scenario="migrate-plain", needs_paused=False,
+          also_fails=("dst-qemu-alive", "kernel-log-clean", "l1-responsive-on-dst"),
+          detail_re=r"(L1 died while SSH was connecting|destination QEMU is gone)"),
     # TLS: each breaks one thing the handshake checks; the migration must fail, the check must
     # name it with the destination's own line, and the source must keep running.
     Fault("tls-wrong-ca", "the destination's certificate comes from a CA the source does not trust",

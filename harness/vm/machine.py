@@ -23,7 +23,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from harness.core import proc, scratch
 from harness.core.errors import NestvirtError, StepTimeout
 from harness.core.paths import TEMPLATES
-from harness.guest.kernlog import qemu_exit_story
+from harness.guest.kernlog import death_line, qemu_exit_story
 from harness.host.probe import launch_env
 from harness.vm.guestmode import TCG_SVM_LOG_ARGS
 
@@ -345,6 +345,29 @@ class Machine:
         if not self.console_log.exists():
             return []
         return self.console_log.read_text(errors="replace").splitlines()
+
+    def death_watch(self) -> Callable[[], str | None]:
+        """A cheap question to ask while waiting on L1: why it is dead (its QEMU exited, or
+        its console printed a panic or oops since this watch began), or None."""
+        offset = self.console_log.stat().st_size if self.console_log.exists() else 0
+        seen: list[str] = []
+
+        def dead() -> str | None:
+            nonlocal offset
+            if not self.alive():
+                return f"its QEMU exited: {self.exit_story()}"
+            try:
+                with open(self.console_log, "rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read()
+            except OSError:
+                return None
+            cut = data.rfind(b"\n") + 1  # whole lines only; the rest is read next time
+            offset += cut
+            seen.extend(data[:cut].decode(errors="replace").splitlines())
+            line = death_line(seen)
+            return f"its console: {line[:200]}" if line else None
+        return dead
 
     def console_tail(self, n: int = 20) -> str:
         if not self.console_log.exists():

@@ -105,6 +105,13 @@ class RemoteMachine(Machine):
     def returncode(self) -> int | None:
         return self._rproc.poll() if self._rproc is not None else None
 
+    def death_watch(self) -> Callable[[], str | None]:
+        # Its console is on the other host: polling it over SSH every 50 ms would be load.
+        # Its QEMU ends with its SSH session, which is seen here at once.
+        def dead() -> str | None:
+            return None if self.alive() else f"its QEMU exited: {self.exit_story()}"
+        return dead
+
     def thread_names(self) -> list[str]:
         # Its /proc is on the other host; sampling it over SSH every 20 ms would be load, not
         # a measurement. Migration threads are recorded for the local side only.

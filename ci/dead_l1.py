@@ -86,7 +86,7 @@ def main() -> int:
                     # The death is the write reaching L1: time it as the command is sent.
                     inner = fault.actions["in-guest"]
 
-                    def timed(at, inner=inner):
+                    def timed(at, inner=inner, t_send=t_send):
                         t_send.append(time.monotonic())
                         inner(at)
                     faults.FAULTS[fault.name] = replace(fault, actions={"in-guest": timed})

@@ -206,7 +206,8 @@ def one_run(n: int, rng: random.Random, base: Path, python: str) -> dict:
            "live_qemus": len(qemus), "listening_ports": len(ports), "sockets": sockets,
            "tmp_at_exit": len(roots_exit), "tmp_after_janitor": len(roots_after),
            "finished": finished, "in_results": listed, "results": note,
-           "traceback": "Traceback" in err}
+           "traceback": "Traceback" in err,
+           "stderr_tail": err.strip().splitlines()[-6:] if "Traceback" in err else []}
     row["leftover"] = bool(qemus or ports or sockets or roots_after or hung or not partial_ok
                            or row["traceback"])
     for pid in qemus:  # leave the machine clean for the next run, and say it was needed

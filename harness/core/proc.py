@@ -155,7 +155,18 @@ class _Spawner:
             q = self._queue
         fut: Future = Future()
         q.put((fn, fut))
-        return fut.result()
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            # Ctrl-C while the spawner forks: the child may still come, and nobody would
+            # know of it. Wait for it (briefly) and end it before the interrupt goes on.
+            try:
+                p = fut.result(timeout=30)
+            except Exception:  # noqa: BLE001 - it did not start: nothing to end
+                raise KeyboardInterrupt from None
+            p.kill()
+            p.wait(10)
+            raise
 
     @staticmethod
     def _serve(q: queue.SimpleQueue) -> None:

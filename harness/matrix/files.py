@@ -18,11 +18,12 @@ from __future__ import annotations
 import difflib
 import itertools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from harness.core import yamltext
 from harness.core.errors import UsageError
 from harness.host.enlightenments import load_profiles, parse_hv_list, resolve_profile, vendor_problems
 from harness.host.probe import QemuFacts
@@ -174,34 +175,39 @@ def is_matrix_file(path: Path) -> bool:
 
 def load_matrix(path: Path) -> MatrixSpec:
     """Parse and check a matrix file; UsageError (one line, naming the spot) on bad input."""
-    import yaml  # here, not at the top: only matrix runs need PyYAML
-
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UsageError(f"matrix {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise UsageError(f"matrix {path}: not YAML: {str(e).splitlines()[0]}") from e
-    return parse_matrix(doc, str(path))
+    doc, lines = yamltext.load(path, "matrix")
+    return parse_matrix(doc, str(path), lines)
 
 
-def parse_matrix(doc: Any, source: str) -> MatrixSpec:
-    """Check a loaded matrix document; see ci/smoke.yaml for the format."""
+def parse_matrix(doc: Any, source: str, lines: dict[tuple, int] | None = None) -> MatrixSpec:
+    """Check a loaded matrix document; see ci/smoke.yaml for the format. ``lines`` (from
+    key_lines) lets an error name the line of the key it is about."""
     where = f"matrix {source}"
+
+    def at(*path: Any) -> int | None:
+        return (lines or {}).get(tuple(path))
+
+    def spot(*path: Any) -> str:
+        n = at(*path)
+        return f"{where} (line {n})" if n else where
+
     if not isinstance(doc, dict):
         raise UsageError(f"{where}: expected a mapping at the top")
     if doc.get(FORMAT_KEY) != FORMAT_VERSION:
         raise UsageError(f"{where}: needs '{FORMAT_KEY}: {FORMAT_VERSION}' at the top")
     unknown = set(doc) - {FORMAT_KEY, "name", "description", "defaults", "include", "exclude"}
     if unknown:
-        raise UsageError(f"{where}: unknown top-level key '{sorted(unknown)[0]}'")
-    defaults = _axes(doc.get("defaults") or {}, f"{where}: defaults")
+        key = sorted(unknown)[0]
+        raise UsageError(f"{spot(key)}: unknown top-level key '{key}'")
+    defaults = _axes(doc.get("defaults") or {}, f"{where}: defaults",
+                     lambda key: at("defaults", key))
     include = doc.get("include")
     if not isinstance(include, list) or not include:
         raise UsageError(f"{where}: 'include' must be a non-empty list of axis blocks")
     blocks = []
     for i, block in enumerate(include):
-        merged = {**defaults, **_axes(block, f"{where}: include[{i}]")}
+        merged = {**defaults, **_axes(block, f"{where}: include[{i}]",
+                                      lambda key, i=i: at("include", i, key))}
         for req in _REQUIRED:
             if req not in merged:
                 raise UsageError(f"{where}: include[{i}]: needs '{req}'")
@@ -212,30 +218,34 @@ def parse_matrix(doc: Any, source: str) -> MatrixSpec:
             raise UsageError(f"{where}: exclude[{i}]: expected a mapping")
         reason = ex.get("reason", "")
         body = {k: v for k, v in ex.items() if k != "reason"}
-        _axes(body, f"{where}: exclude[{i}]")
+        _axes(body, f"{where}: exclude[{i}]", lambda key, i=i: at("exclude", i, key))
         excludes.append({"reason": str(reason), "match": body})
     return MatrixSpec(name=str(doc.get("name") or Path(source).stem), source=source,
                       description=str(doc.get("description") or ""), blocks=tuple(blocks),
                       excludes=tuple(excludes))
 
 
-def _axes(block: Any, where: str) -> dict[str, list[Any]]:
-    """Normalise one block: every axis becomes a list of checked values."""
+def _axes(block: Any, where: str,
+          at: Callable[[str], int | None] | None = None) -> dict[str, list[Any]]:
+    """Normalise one block: every axis becomes a list of checked values. ``at(key)`` is the
+    line of a key in the file (errors about that key name it)."""
     if not isinstance(block, dict):
         raise UsageError(f"{where}: expected a mapping of axes")
     out: dict[str, list[Any]] = {}
     known_profiles = set(load_profiles())
     for key, raw in block.items():
+        n = at(key) if at is not None else None
+        where_key = f"{where} (line {n})" if n else where
         if key not in AXES:
             close = difflib.get_close_matches(str(key), AXES, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UsageError(f"{where}: unknown axis '{key}'{hint}")
+            raise UsageError(f"{where_key}: unknown axis '{key}'{hint}")
         values = list(COMPRESSION_MODES) if key == "compression" and raw == "all" else (
             raw if isinstance(raw, list) else [raw])
         if not values:
-            raise UsageError(f"{where}: axis '{key}' is empty")
+            raise UsageError(f"{where_key}: axis '{key}' is empty")
         for v in values:
-            _check_value(key, v, where, known_profiles)
+            _check_value(key, v, where_key, known_profiles)
         out[key] = values
     return out
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from harness.core import yamltext
 from harness.core.cache import cache_root
 from harness.core.errors import SetupError, StepTimeout, UsageError
 from harness.host.probe import (
@@ -107,25 +108,23 @@ def read_config(path: Path) -> list[QemuInstall]:
             module_dir: /src/qemu/build                    # optional: QEMU_MODULE_DIR
             firmware_dirs: [/src/qemu/pc-bios]             # optional: -L, in this order
     """
-    import yaml  # here, not at the top: only a host with a config file needs PyYAML for it
-
     if not path.is_file():
         return []
     where = f"QEMU config {path}"
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UsageError(f"{where}: {str(e).splitlines()[0]}") from e
+    doc, lines = yamltext.load(path, "QEMU config")
     entries = (doc or {}).get("qemu") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
         raise UsageError(f"{where}: expected 'qemu:' with a list of entries")
     out = []
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or not isinstance(e.get("binary"), str):
-            raise UsageError(f"{where}: qemu[{i}]: needs 'binary: PATH'")
+            raise UsageError(f"{where} (line {lines.get(('qemu', i), '?')}): qemu[{i}]: "
+                             "needs 'binary: PATH'")
         unknown = set(e) - {"name", "binary", "module_dir", "firmware_dirs"}
         if unknown:
-            raise UsageError(f"{where}: qemu[{i}]: unknown key '{sorted(unknown)[0]}'")
+            key = sorted(unknown)[0]
+            raise UsageError(f"{where} (line {lines.get(('qemu', i, key), '?')}): qemu[{i}]: "
+                             f"unknown key '{key}'")
         fw = e.get("firmware_dirs") or []
         if not isinstance(fw, list) or not all(isinstance(x, str) for x in fw):
             raise UsageError(f"{where}: qemu[{i}]: firmware_dirs must be a list of paths")

@@ -312,6 +312,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.guest_mode_retries < 0:
         raise UsageError("--guest-mode-retries must be 0 or more")
+    if args.repeat is not None and args.repeat < 1:
+        # 0 is falsy: unchecked it fell through to the plain run of the whole suite.
+        raise UsageError(f"--repeat {args.repeat}: must be at least 1")
     if wants_batch(args):
         return cmd_run_batch(args)
     knobs = mode_knobs(args)

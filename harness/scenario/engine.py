@@ -673,6 +673,9 @@ def launch_config(cfg: MachineConfig, workdir: Path) -> Machine:
             m.shutdown()
             if "hostfwd" not in str(e) or attempt == 2:
                 raise
+        except BaseException:
+            m.shutdown()  # Ctrl-C mid-launch: nobody else knows this machine yet
+            raise
     raise AssertionError("unreachable")
 
 

@@ -76,6 +76,10 @@ class MigrationMode:
             raise UsageError(f"unknown transport '{self.transport}' (tcp or unix)")
         if self.channels < 1 or self.threads < 1 or self.decompress_threads < 1:
             raise UsageError("--channels and --threads must be at least 1")
+        if self.xbzrle_cache_mib < 1 or self.xbzrle_cache_mib & (self.xbzrle_cache_mib - 1):
+            # QEMU's rule (migration/options.c): a power of two no less than the target page.
+            raise UsageError(f"--xbzrle-cache-mib {self.xbzrle_cache_mib}: must be a power of "
+                             "two (1, 2, 4, ... MiB)")
         if self.max_bandwidth_mib < 0 or self.avail_switchover_bandwidth_mib < 0:
             raise UsageError(f"--max-bandwidth-mib {self.max_bandwidth_mib} is negative (0: unthrottled)")
         if self.downtime_limit_ms is not None and not 1 <= self.downtime_limit_ms <= 2_000_000:

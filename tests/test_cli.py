@@ -51,7 +51,8 @@ def test_kernel_without_kvm_modules_is_exit_2(tmp_path: Path):
     mods = tmp_path / "lib/modules/9.9.9-nokvm/kernel/drivers/net"
     boot.mkdir()
     mods.mkdir(parents=True)
-    (boot / "vmlinuz-9.9.9-nokvm").write_bytes(b"\0" * 512)
+    # A bzImage as far as its header goes ("HdrS" at 0x202): the module tree is what is wrong.
+    (boot / "vmlinuz-9.9.9-nokvm").write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 64)
     (mods / "dummy.ko").write_bytes(b"\0depends=\0")
     cp = nestvirt("run", "migrate-plain", "--kernel", str(boot / "vmlinuz-9.9.9-nokvm"),
                   "--out", str(tmp_path / "out"))

@@ -34,9 +34,12 @@ def test_table_keeps_every_original_fault_and_its_check():
 def test_each_fault_is_shown_on_a_scenario_that_runs_its_check(name: str):
     f = FAULTS[name]
     spec = SCENARIOS[f.scenario]
-    assert f.must_fail in spec.checks, (f.must_fail, spec.checks)
+    # One on the harness's own ground (its disk) is judged by the run's reason instead.
+    assert f.must_fail in spec.checks or (not f.must_fail and f.reason_re), (f.must_fail,
+                                                                           spec.checks)
     assert f.unobservable(spec) is None
-    assert f.actions and set(f.actions) <= set(POINTS)
+    # It acts somewhere: at a point of the run, or on how the first destination starts.
+    assert (f.actions or f.dst_config) and set(f.actions) <= set(POINTS)
 
 
 def test_the_engine_names_no_fault():

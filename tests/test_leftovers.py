@@ -4,7 +4,9 @@ Real processes throughout; liveness judged by /proc state (PID 1 here does not r
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,3 +163,54 @@ def test_sigkill_of_the_cli_mid_run_leaves_no_live_qemu(tmp_path: Path):
             p.wait()
         for pid, _ in qemus_naming(out):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def small_out(tmp_path: Path):
+    """A 48 MiB tmpfs to be --out's filesystem (the fill-out faults fill only one this small)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "nestvirt-test", str(mnt)], 10)
+    try:
+        yield mnt
+    finally:
+        proc.run(["umount", "-l", str(mnt)], 10, check=False)
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.qemu
+def test_a_results_disk_that_fills_up_mid_run_is_named_and_nothing_else_is_lost(small_out):
+    out = small_out / "out"
+    cp = run_cli("run", "migrate-plain", "--compression", "none", "--inject", "fill-out",
+                 "--out", str(out))
+    assert cp.returncode == 1 and "Traceback" not in cp.stderr, cp.stderr
+    sc = json.loads((out / "results.json").read_text())["scenarios"][0]
+    assert sc["verdict"] == "error"
+    assert re.search(r"out of disk: writing \S+/migrate-plain_none\+inject-fill-out/\S+ failed: "
+                     r"No space left on device", sc["reason"]), sc["reason"]
+    # What ran before the disk filled is kept: the migration and its checks.
+    assert {c["name"] for c in sc["checks"]} >= {"migration-completed", "dst-qemu-alive"}
+    assert all(c["ok"] for c in sc["checks"])
+    wd = out / "migrate-plain_none+inject-fill-out"
+    assert (wd / "scenario.json").exists() and not (out / ".nestvirt-fill").exists()
+    assert not qemus_naming(out)
+
+
+@pytest.mark.qemu
+def test_a_results_disk_that_stays_full_gets_one_line_and_the_results_on_the_console(small_out):
+    out = small_out / "out"
+    cp = run_cli("run", "migrate-plain", "--compression", "none", "--inject", "fill-out-stays",
+                 "--out", str(out))
+    assert cp.returncode == 2 and "Traceback" not in cp.stderr, cp.stderr
+    last = cp.stderr.strip().splitlines()[-1]
+    assert re.match(rf"nestvirt: error: --out {re.escape(str(out))} is full: writing \S+ failed: "
+                    r"No space left on device", last), last
+    assert "migrate-plain/none+inject-fill-out-stays" in cp.stdout and "ERROR" in cp.stdout
+    assert not (out / "results.json.tmp").exists()  # no torn file left
+    assert not qemus_naming(out)

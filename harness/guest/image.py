@@ -135,14 +135,18 @@ def module_load_order(modules_dir: Path, roots: tuple[str, ...] = ROOT_MODULES) 
     order: list[str] = []
     seen: set[str] = set()
 
-    def visit(name: str) -> None:
+    def visit(name: str, needed_by: str | None = None) -> None:
         if name in seen:
             return
         seen.add(name)
         if name not in index:
-            return  # built in, or absent; init reports a module that fails to load
+            if needed_by is not None and not _builtin(modules_dir, name):
+                # A module's depends= names modules only: this one is missing from the tree.
+                raise SetupError(f"kernel {modules_dir.name}: module {needed_by} needs {name}, "
+                                 f"which is not in {modules_dir}")
+            return  # a root built in, or absent; init reports a module that fails to load
         for dep in module_depends(read_module(index[name])):
-            visit(dep)
+            visit(dep, name)
         order.append(name)
 
     for r in roots:

@@ -39,6 +39,9 @@ class Kernel:
 
 def find_kernel(kernel: str | None = None, modules: str | None = None) -> Kernel:
     """Resolve the L1 kernel by precedence; raise UsageError for a bad explicit path."""
+    if modules and not kernel and not os.environ.get("NESTVIRT_KERNEL"):
+        raise UsageError("--modules goes with --kernel (or NESTVIRT_KERNEL): alone it would "
+                         "be ignored")
     if kernel:
         return _explicit(Path(kernel), modules, "--kernel")
     if os.environ.get("NESTVIRT_KERNEL"):
@@ -52,11 +55,34 @@ def find_kernel(kernel: str | None = None, modules: str | None = None) -> Kernel
     return debian_kernel()
 
 
+def kernel_format(image: Path) -> str | None:
+    """'bzImage' or 'ELF' for a file QEMU's -kernel can boot as Linux; None otherwise.
+
+    A bzImage carries the x86 boot protocol's "HdrS" magic at 0x202 (Documentation/x86/
+    boot.rst); an uncompressed vmlinux is an ELF file."""
+    try:
+        with open(image, "rb") as fh:
+            head = fh.read(0x206)
+    except OSError:
+        return None
+    if head[0x202:0x206] == b"HdrS":
+        return "bzImage"
+    if head[:4] == b"\x7fELF":
+        return "ELF"
+    return None
+
+
 def _explicit(image: Path, modules: str | None, origin: str) -> Kernel:
     if not image.is_file():
         raise UsageError(f"{origin}: kernel image {image} does not exist")
+    if kernel_format(image) is None:
+        raise UsageError(f"{origin}: {image} is not a Linux kernel image (no bzImage 'HdrS' "
+                         "header at 0x202, not ELF)")
     if modules:
         mods = Path(modules)
+        if not (mods / "kernel").is_dir() and not (mods / "modules.builtin").is_file():
+            raise UsageError(f"--modules {mods}: not a module tree (lib/modules/RELEASE with "
+                             "kernel/ inside)")
     else:
         # A kernel from a package tree sits at <root>/boot/vmlinuz-R with <root>/lib/modules/R.
         rel = image.name.removeprefix("vmlinuz-")
@@ -65,6 +91,12 @@ def _explicit(image: Path, modules: str | None, origin: str) -> Kernel:
             mods = Path("/lib/modules") / rel
     if not mods.is_dir():
         raise UsageError(f"{origin}: no module tree for {image} (give --modules DIR)")
+    builtin = mods / "modules.builtin"
+    if not any((mods / "kernel").rglob("kvm.ko*")) and not (
+            builtin.is_file() and "/kvm.ko" in builtin.read_text(errors="replace")):
+        # Said before anything starts; the image build would say it only after the probe.
+        raise UsageError(f"{origin}: module tree {mods} has no kvm module (kvm.ko), nor is it "
+                         "built in: L1 could not run KVM")
     return Kernel(image.resolve(), mods.resolve(), mods.name, origin)
 
 

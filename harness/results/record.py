@@ -31,7 +31,11 @@ def write_results(out: Path, host: dict, results: list[ScenarioResult],
            "scenarios": [r.to_json() for r in results], **(extra or {})}
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    try:
+        tmp.write_text(json.dumps(doc, indent=2, default=str))
+    except OSError:
+        tmp.unlink(missing_ok=True)  # the last complete results.json stays as it was
+        raise
     tmp.replace(path)
     return path
 
@@ -55,6 +59,10 @@ def load_results(path: Path) -> tuple[dict[str, Any], list[ScenarioResult]]:
         raise ValueError(f"{path}: not a nestvirt results.json ({e})") from e
 
 
+# Logs, transcripts and results of a run take a few MiB; below this a run would fill the disk.
+MIN_FREE_MIB = 32
+
+
 def prepare_out(out: Path | None) -> Path:
     """The run's results directory (default results/<time>), created and proven writable."""
     out = out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
@@ -64,10 +72,15 @@ def prepare_out(out: Path | None) -> Path:
         if created:
             out.chmod(0o700)  # variants' dirs below hold SSH and TLS keys
         probe_file = out / ".writable"
-        probe_file.write_text("")
+        probe_file.write_text("x" * 4096)
         probe_file.unlink()
+        st = os.statvfs(out)
     except OSError as e:
         raise UsageError(f"--out {out}: not writable ({e.strerror})") from e
+    free_mib = st.f_bavail * st.f_frsize >> 20
+    if free_mib < MIN_FREE_MIB:
+        raise UsageError(f"--out {out}: only {free_mib} MiB free on its filesystem (a run "
+                         f"needs at least {MIN_FREE_MIB} MiB for logs and results)")
     return out
 
 

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from harness.core import proc, scratch
 from harness.core.errors import SetupError, UsageError
@@ -22,6 +22,9 @@ from harness.scenario.spec import GUEST_MODE_RETRIES, Variant
 from harness.scenario.suite import SCENARIOS, SMOKE, apply_profile, expand
 from harness.vm.migration import COMPRESSION_MODES
 from harness.vm.tls import TLS_MODES
+
+if TYPE_CHECKING:
+    from harness.host.probe import HostFacts
 
 
 class _Parser(argparse.ArgumentParser):
@@ -309,12 +312,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.qemu.inventory import probe_host
     from harness.results.record import write_results
     from harness.scenario.binaries import plan_variants
+    from harness.scenario.result import DISK_ERRNOS, failed_write
 
     if args.guest_mode_retries < 0:
         raise UsageError("--guest-mode-retries must be 0 or more")
     if args.repeat is not None and args.repeat < 1:
         # 0 is falsy: unchecked it fell through to the plain run of the whole suite.
-        raise UsageError(f"--repeat {args.repeat}: must be at least 1")
+        raise UsageError(f"--repeat must be at least 1 (got {args.repeat})")
     if wants_batch(args):
         return cmd_run_batch(args)
     knobs = mode_knobs(args)
@@ -327,6 +331,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     kernel = find_kernel(args.kernel, args.modules)
     facts = probe_host(args.accel, args.qemu, extra=(args.src_qemu, args.dst_qemu))
     variants = plan_variants(variants, facts, args.src_qemu, args.dst_qemu)
+    if args.compression and (args.qemu or args.src_qemu or args.dst_qemu):
+        # A feature asked for by name on a binary named by hand: a skip would hide the typo.
+        refuse_pinned_lacks(variants, facts)
     out = prepare_out(args.out)
     profile = resolve_profile(args.profile, args.hv, l1_nested=facts.l1_nested, vendor=facts.vendor)
     variants = apply_profile(variants, profile, l1_nested=facts.l1_nested, vendor=facts.vendor)
@@ -340,6 +347,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_info["dst_host"] = opts["dst_host"].label
     results: list[ScenarioResult] = []
     t0 = time.monotonic()
+    unsaved: str | None = None
     try:
         for i, v in enumerate(variants, 1):
             if not args.json:
@@ -348,13 +356,50 @@ def cmd_run(args: argparse.Namespace) -> int:
                       flush=True)
             result = runner_for(v)(v, ctx)
             known.classify([result], sigs, facts.accel, facts.qemu.version)
-            _write_repro(result, v, image.to_json(), facts.to_json())
             results.append(result)
-            write_results(out, facts.to_json(), results, run_info)
+            try:
+                _write_repro(result, v, image.to_json(), facts.to_json())
+                write_results(out, facts.to_json(), results, run_info)
+            except OSError as e:
+                if e.errno not in DISK_ERRNOS:
+                    raise
+                unsaved = failed_write(e)
+                break  # the next variant would fill nothing but the same full disk
     finally:
         # Reached on Ctrl-C too: what finished is kept.
-        _close_run(out, facts.to_json(), results, run_info, t0)
+        try:
+            _close_run(out, facts.to_json(), results, run_info, t0)
+        except OSError as e:
+            if e.errno not in DISK_ERRNOS:
+                raise
+            unsaved = unsaved or failed_write(e)
+    if unsaved:
+        # Nothing that could be written is lost: what the disk refused goes to the console.
+        from harness.results.views import console_table
+
+        print(console_table(results))
+        print(f"nestvirt: error: --out {out} is full: {unsaved}; the {len(results)} result(s) "
+              "above are complete only here", file=sys.stderr)
+        return 2
     return _report_run(args.json, out, results)
+
+
+def refuse_pinned_lacks(variants: list[Variant], facts: HostFacts) -> None:
+    """UsageError naming the binary and what it lacks, for the first variant whose named
+    (pinned) QEMU cannot run the mode that was asked for."""
+    from harness.scenario.binaries import lacks
+
+    for v in variants:
+        plan = v.qemu
+        if plan is None or not plan.pinned:
+            continue
+        src, dst = facts.binary(plan.src), facts.binary(plan.dst)
+        if src is None or dst is None:
+            continue
+        missing = lacks(v.mode, plan, src, dst)
+        if missing:
+            binary = plan.src if v.mode.unsupported_reason(src) else plan.dst
+            raise UsageError(f"--compression {v.mode.compression} on {binary}: {missing}")
 
 
 def _write_repro(result: ScenarioResult, variant: Variant, image: dict, host: dict) -> None:

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
 from harness.core.errors import StepTimeout, UsageError
@@ -105,6 +106,9 @@ class Fault:
     detail_re: str | None = None  # what must_fail's detail says (the destination's own line)
     # How the first destination is started instead (a retry's destination is a healthy one).
     dst_config: Callable[[MachineConfig], MachineConfig] | None = None
+    # A fault of the harness's own ground (its results disk) breaks no check of the guest:
+    # must_fail is "" and the run's error reason says it (this pattern).
+    reason_re: str | None = None
 
     def __post_init__(self) -> None:
         for point in self.actions:
@@ -255,6 +259,38 @@ def _crash_dst_on(command: str) -> Action:
     return run
 
 
+# Filling --out is done only on a filesystem this small (a tmpfs or loop mount made for it),
+# never on a real disk.
+FILL_MAX_FREE = 256 << 20
+FILLER = ".nestvirt-fill"
+
+
+def _out_dir(at: At) -> Path:
+    return at.source().workdir.parent  # workdir is OUT/<variant>
+
+
+def _fill_out(at: At) -> None:
+    out = _out_dir(at)
+    st = os.statvfs(out)
+    free = st.f_bavail * st.f_frsize
+    if free > FILL_MAX_FREE:
+        raise UsageError(f"inject fill-out fills --out's filesystem: give it one with at most "
+                         f"{FILL_MAX_FREE >> 20} MiB free (a small tmpfs); {out} has "
+                         f"{free >> 20} MiB")
+    with open(out / FILLER, "wb", buffering=0) as fh:  # unbuffered: nothing left to flush
+        for chunk in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    fh.write(b"\0" * chunk)
+            except OSError:
+                continue  # full at this grain: go finer, then stop
+
+
+def _unfill_out(at: At) -> None:
+    if at.src is not None:
+        (_out_dir(at) / FILLER).unlink(missing_ok=True)
+
+
 def _more_ram(cfg: MachineConfig) -> MachineConfig:
     # 64 MiB more than the source: the destination's RAM block has another length, so it
     # refuses the stream at the RAM section and says so on its stderr.
@@ -325,6 +361,17 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           must_fail="l1-ssh-on-dst", scenario="migrate-plain", needs_paused=False,
           also_fails=("dst-qemu-alive", "kernel-log-clean", "l1-responsive-on-dst"),
           detail_re=r"(L1 died while SSH was connecting|destination QEMU is gone)"),
+    # The results disk fills up mid-run: the run ends as an error naming the write that was
+    # refused; once the space is back (teardown) everything else is written. -stays keeps the
+    # disk full: the CLI then prints the results and names the file it could not write.
+    Fault("fill-out", "--out's filesystem (a small tmpfs) fills up after the migration; freed "
+          "at teardown", {"after-migrate": _fill_out, "teardown": _unfill_out},
+          must_fail="", scenario="migrate-plain", needs_paused=False,
+          reason_re=r"out of disk: writing \S+ failed: No space left on device"),
+    Fault("fill-out-stays", "--out's filesystem (a small tmpfs) fills up after the migration "
+          "and stays full", {"after-migrate": _fill_out},
+          must_fail="", scenario="migrate-plain", needs_paused=False,
+          reason_re=r"out of disk: writing \S+ failed: No space left on device"),
     # TLS: each breaks one thing the handshake checks; the migration must fail, the check must
     # name it with the destination's own line, and the source must keep running.
     Fault("tls-wrong-ca", "the destination's certificate comes from a CA the source does not trust",

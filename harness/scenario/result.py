@@ -3,13 +3,14 @@ guard that turns a harness error into a verdict while always tearing the machine
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Protocol
 
 from harness.core.errors import NestvirtError
@@ -76,12 +77,51 @@ def execute_guarded(run: Steps, res: ScenarioResult, workdir: Path) -> None:
         run.execute()
     except NestvirtError as e:
         res.verdict, res.reason = "error", str(e)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            _internal_error(res, workdir, e)
+        else:  # the results disk, not the engine: say which write it refused
+            res.verdict, res.reason = "error", f"out of disk: {failed_write(e)}"
     except Exception as e:  # noqa: BLE001 - an engine bug must still leave a result behind
-        res.verdict, res.reason = "error", f"internal error: {type(e).__name__}: {e}"
-        (workdir / "traceback.txt").write_text(traceback.format_exc())
+        _internal_error(res, workdir, e)
     finally:
         run.teardown()
         res.durations["total"] = round(time.monotonic() - t0, 3)
+
+
+# A write refused by the filesystem itself: full, over quota, read-only, too big.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def failed_write(e: OSError) -> str:
+    """'writing PATH failed: REASON' for a refused write; the path from the error, else from
+    the innermost frame that was writing a path (pathlib's, or a file object's name)."""
+    path = e.filename
+    tb = e.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        if path:
+            break
+        for name in ("self", "path", "fh", "f"):
+            v = frame.f_locals.get(name)
+            if isinstance(v, PurePath):
+                path = str(v)
+            elif isinstance(getattr(v, "name", None), str) and hasattr(v, "write"):
+                path = v.name
+            if path:
+                break
+    return f"writing {path or 'a file'} failed: {e.strerror or e}"
+
+
+def _internal_error(res: ScenarioResult, workdir: Path, e: BaseException) -> None:
+    res.verdict, res.reason = "error", f"internal error: {type(e).__name__}: {e}"
+    try:
+        (workdir / "traceback.txt").write_text(traceback.format_exc())
+    except OSError:
+        pass  # the reason above is kept with the result either way
 
 
 def judge_failed_checks(res: ScenarioResult) -> bool:
@@ -97,9 +137,16 @@ def judge_failed_checks(res: ScenarioResult) -> bool:
 
 
 def save_result(res: ScenarioResult, workdir: Path) -> ScenarioResult:
-    """List the artefacts and write scenario.json beside them."""
+    """List the artefacts and write scenario.json beside them. A disk that refuses it leaves
+    the result in memory (for results.json and the console) with the refusal said in it."""
     res.artifacts["files"] = sorted(p.name for p in workdir.iterdir() if p.is_file())
-    (workdir / "scenario.json").write_text(json.dumps(res.to_json(), indent=2, default=str))
+    try:
+        (workdir / "scenario.json").write_text(json.dumps(res.to_json(), indent=2, default=str))
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        res.artifacts["unsaved"] = failed_write(e)
+        (workdir / "scenario.json").unlink(missing_ok=True)  # no torn half left behind
     return res
 
 

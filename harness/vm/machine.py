@@ -401,16 +401,23 @@ class Machine:
         if self._sockdir is not None:
             shutil.rmtree(self._sockdir, ignore_errors=True)
         if self._transcript is not None:
-            self._log("exit", {"returncode": rc})
-            self._transcript.close()
+            try:
+                self._log("exit", {"returncode": rc})
+                self._transcript.close()
+            except OSError:
+                pass  # teardown goes on: the run's error already says the disk is full
             self._transcript = None
         return rc
 
     def _log(self, direction: str, msg: Any) -> None:
         if self._transcript is not None:
             rec = {"t": round(time.monotonic() - self._t0, 4), "dir": direction, "msg": msg}
-            self._transcript.write(json.dumps(rec, default=str) + "\n")
-            self._transcript.flush()
+            try:
+                self._transcript.write(json.dumps(rec, default=str) + "\n")
+                self._transcript.flush()
+            except OSError as e:
+                # Said with the file's name: a full results disk must say which write failed.
+                raise OSError(e.errno, e.strerror, str(self.transcript_path)) from e
 
 
 def parse_events(text: str) -> list[tuple[str, dict[str, str]]]:

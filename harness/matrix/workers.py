@@ -18,6 +18,7 @@ import multiprocessing.connection
 import os
 import re
 import signal
+import threading
 import time
 import traceback
 import uuid
@@ -390,7 +391,7 @@ def run_jobs(jobs: list[Job], *, parallel: int, budget: HostBudget,
                 recv, send = mp.Pipe(duplex=False)
                 p = mp.Process(target=_worker, args=(job.to_json(), send, execute, os.getpid()),
                                name=f"nestvirt-{job.id}")
-                p.start()
+                _start_deaf_to_ctrl_c(p)
                 send.close()
                 running.append(_Running(job, p, recv, r))
             if not running:
@@ -416,6 +417,20 @@ def run_jobs(jobs: list[Job], *, parallel: int, budget: HostBudget,
     except KeyboardInterrupt:
         _stop_all(running, budget)
         raise
+
+
+def _start_deaf_to_ctrl_c(p: Any) -> None:
+    """Start a worker with SIGINT ignored until _worker sets its own handler: a Ctrl-C while
+    it still imports would print a traceback. The terminal's Ctrl-C reaches this process too,
+    which stops the workers itself (SIGTERM)."""
+    if threading.current_thread() is not threading.main_thread():
+        p.start()
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        p.start()
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _receive(x: _Running) -> dict[str, Any] | None:

@@ -3,8 +3,10 @@
 
 Two ways for L1 to die on the destination, each run --runs times on migrate-plain:
 
-* ``sysrq``: during a guest step, L1 crashes itself (echo c > /proc/sysrq-trigger): the
-  command it was running never answers;
+* ``sysrq``: during a guest step, L1 crashes itself (echo c > /proc/sysrq-trigger); under
+  panic=-1 and -no-reboot its QEMU exits;
+* ``halt``: the same with panic=0 first: the kernel stops after the panic and its QEMU lives
+  on, so only the console says that L1 is dead;
 * ``nmi``: right after the migration, an NMI panics L1 (unknown_nmi_panic) while the harness
   starts to SSH into it.
 
@@ -56,6 +58,10 @@ def main() -> int:
     def sysrq(at):
         at.shell().run("echo c > /proc/sysrq-trigger", 10)
 
+    def halt(at):
+        # panic=0: the kernel stops after the panic and QEMU lives on: only the console says.
+        at.shell().run("echo 0 > /proc/sys/kernel/panic; echo c > /proc/sysrq-trigger", 10)
+
     def arm_nmi(at):
         at.shell().run("echo 1 > /proc/sys/kernel/unknown_nmi_panic", 10)
 
@@ -66,6 +72,9 @@ def main() -> int:
         "sysrq": faults.Fault("measure-sysrq", "L1 crashes itself in a guest step",
                               {"in-guest": sysrq}, must_fail="l1-responsive-on-dst",
                               scenario="migrate-plain", needs_paused=False),
+        "halt": faults.Fault("measure-halt", "L1 panics and halts in a guest step (QEMU lives)",
+                             {"in-guest": halt}, must_fail="l1-responsive-on-dst",
+                             scenario="migrate-plain", needs_paused=False),
         "nmi": faults.Fault("measure-nmi", "an NMI panics L1 as SSH starts",
                             {"before-migrate": arm_nmi, "after-migrate": mark(nmi)},
                             must_fail="l1-ssh-on-dst", scenario="migrate-plain",
@@ -82,7 +91,7 @@ def main() -> int:
             for _ in range(args.runs):
                 died.clear()
                 t_send = []
-                if case == "sysrq":
+                if case in ("sysrq", "halt"):
                     # The death is the write reaching L1: time it as the command is sent.
                     inner = fault.actions["in-guest"]
 

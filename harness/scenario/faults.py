@@ -355,6 +355,12 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           {"in-guest": _sh("echo c > /proc/sysrq-trigger")},
           must_fail="l1-responsive-on-dst", scenario="migrate-plain", needs_paused=False,
           also_fails=("kernel-log-clean",), detail_re=r"L1 died while running .*(panic|sysrq)"),
+    Fault("panic-halt-in-guest", "L1 on the destination panics and halts (panic=0, sysrq c) "
+          "during a guest step: its QEMU lives on, only its console says", {"in-guest": _sh(
+              "echo 0 > /proc/sys/kernel/panic; echo c > /proc/sysrq-trigger")},
+          must_fail="l1-responsive-on-dst", scenario="migrate-plain", needs_paused=False,
+          also_fails=("kernel-log-clean",), detail_re=r"L1 died while running .*its console: "
+                                                       r".*Kernel panic"),
     Fault("panic-dst-early", "an NMI panics L1 on the destination just as the harness starts "
           "to SSH into it", {"before-migrate": _sh("echo 1 > /proc/sys/kernel/unknown_nmi_panic"),
                              "after-migrate": _nmi_dst_now},

@@ -206,7 +206,7 @@ class L1Shell:
                     raise TimeoutError
                 if not got:
                     self._check_alive(f"running {command[:60]!r}")
-                    time.sleep(POLL_S)
+                    chan.status_event.wait(POLL_S)  # wakes at once when the command ends
             rc = chan.recv_exit_status()
             chan.close()  # dropbear caps open channels per connection
         except L1Dead:

@@ -214,3 +214,22 @@ def test_a_results_disk_that_stays_full_gets_one_line_and_the_results_on_the_con
     assert "migrate-plain/none+inject-fill-out-stays" in cp.stdout and "ERROR" in cp.stdout
     assert not (out / "results.json.tmp").exists()  # no torn file left
     assert not qemus_naming(out)
+
+
+def test_signals_held_back_act_after_the_block_and_children_get_a_clean_mask():
+    got: list[int] = []
+    old = signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+    try:
+        with proc.signals_deferred():
+            p = proc.spawn(["sleep", "30"])
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            assert got == []  # held back inside the block
+        time.sleep(0.1)
+        assert got == [signal.SIGTERM]  # and acted on right after it
+        blocked = next(ln for ln in Path(f"/proc/{p.pid}/status").read_text().splitlines()
+                       if ln.startswith("SigBlk:"))
+        assert int(blocked.split()[1], 16) == 0, blocked
+        assert proc.reap(p) == -signal.SIGTERM  # SIGTERM reaches it: not inherited blocked
+    finally:
+        signal.signal(signal.SIGTERM, old)

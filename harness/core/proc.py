@@ -18,8 +18,9 @@ import queue
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,9 @@ def _die_with(parent: int) -> Callable[[], None]:
     prctl = _libc.prctl
 
     def child() -> None:  # runs between fork and exec: nothing that takes a lock
+        # The spawner holds SIGINT/SIGTERM back (they are the main thread's): the child gets
+        # them as any program would.
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before the line above: go too
             os._exit(137)
@@ -170,6 +174,9 @@ class _Spawner:
 
     @staticmethod
     def _serve(q: queue.SimpleQueue) -> None:
+        # Process signals go to the main thread, whose Python handlers act on them (and which
+        # may hold them back for a moment: signals_deferred).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         while True:
             fn, fut = q.get()
             try:
@@ -179,6 +186,22 @@ class _Spawner:
 
 
 _SPAWNER = _Spawner()
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for a short, bounded block that must not be cut in the
+    middle (an asyncio session whose library cannot be interrupted at any point); they are
+    delivered, and act, right after it. Outside the main thread: no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def pid_state(pid: int) -> str:

@@ -24,7 +24,7 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from harness.core import scratch
 from harness.core.errors import SetupError, StepTimeout, UsageError
-from harness.core.proc import reap, spawn
+from harness.core.proc import reap, signals_deferred, spawn
 from harness.host import kvmcaps
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -269,8 +269,12 @@ def probe(accel: str = "auto", qemu_binary: str | None = None, *,
         skip_why = "not tried: tcg requested"
     elif not kvm.device_ok or not kvm.create_vm_ok:
         skip_why = f"not tried: /dev/kvm {kvm.reason}"
-    schema, kvm_start = asyncio.run(_qemu_sessions(binary, try_kvm=skip_why is None,
-                                                   schema=qemu is None, env=env, firmware=fw))
+    # A Ctrl-C inside qemu.qmp's asyncio session leaves it asserting in its cleanup (seen by
+    # ci/kill_test.py): the signal waits the second or so the probe takes, then acts.
+    with signals_deferred():
+        schema, kvm_start = asyncio.run(_qemu_sessions(binary, try_kvm=skip_why is None,
+                                                       schema=qemu is None, env=env,
+                                                       firmware=fw))
 
     kvm_ok, kvm_error = (False, skip_why) if kvm_start is None else kvm_start
     if qemu is None:
@@ -303,8 +307,10 @@ def probe_schema(binary: str, *, module_dir: str = "",
     Starts one ``-machine none`` QEMU, bounded and reaped; SetupError when it cannot report
     its schema (not a QEMU, or it dies), StepTimeout when it never answers.
     """
-    schema, _ = asyncio.run(_qemu_sessions(binary, try_kvm=False, schema=True,
-                                           env=launch_env(module_dir), firmware=firmware_dirs))
+    with signals_deferred():
+        schema, _ = asyncio.run(_qemu_sessions(binary, try_kvm=False, schema=True,
+                                               env=launch_env(module_dir),
+                                               firmware=firmware_dirs))
     return replace(_qemu_facts(binary, schema, tried=False, ok=False,
                                error="not tried: schema probe only"),
                    module_dir=module_dir, firmware_dirs=tuple(firmware_dirs))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -235,27 +234,24 @@ def _sigkill(m: Machine) -> None:
         m.wait_exit(5.0)
 
 
+def _arm_crash(m: Machine, command: str) -> None:
+    """The machine crashes (SIGSEGV) the moment `command` is sent to it: it never answers."""
+    def hook(name: str) -> None:
+        if name == command and m.pid is not None:
+            m.command_hook = None
+            os.kill(m.pid, signal.SIGSEGV)
+    m.command_hook = hook
+
+
 def _crash_on(command: str) -> Callable[[Machine, Machine], None]:
-    """Arm the source so that it crashes (SIGSEGV) while it answers `command`."""
     def arm(src: Machine, dst: Machine) -> None:
-        def hook(name: str) -> None:
-            if name == command and src.pid is not None:
-                src.command_hook = None
-                # Just after the command is on its way: QEMU dies under it.
-                threading.Timer(0.005, os.kill, (src.pid, signal.SIGSEGV)).start()
-        src.command_hook = hook
+        _arm_crash(src, command)
     return arm
 
 
 def _crash_dst_on(command: str) -> Action:
     def run(at: At) -> None:
-        dst = at.destination()
-
-        def hook(name: str) -> None:
-            if name == command and dst.pid is not None:
-                dst.command_hook = None
-                threading.Timer(0.005, os.kill, (dst.pid, signal.SIGSEGV)).start()
-        dst.command_hook = hook
+        _arm_crash(at.destination(), command)
     return run
 
 

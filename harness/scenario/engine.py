@@ -305,10 +305,13 @@ class _ScenarioRun:
                 took = replace(took, detail=f"{took.detail} (the stop landed in guest mode: "
                                             f"{last.get('why')})")
             self.res.checks.append(took)
-            if not alive or outcome.status != "completed":
+            stands = alive and not took.ok and not spec.paused  # alive, but L1 does not run
+            if not alive or outcome.status != "completed" or stands:
                 # Nothing left to ask: the guest checks fail at once instead of timing out.
                 why = ("destination QEMU is gone" if not alive
-                       else f"migration {outcome.status}: L1 never ran on the destination")
+                       else f"migration {outcome.status}: L1 never ran on the destination"
+                       if outcome.status != "completed"
+                       else f"L1 does not run on the destination ({took.detail})")
                 self.res.checks.append(ck.l1_ssh_on_dst(False, f"{why} ({spec.state} state)"))
                 if outcome.status == "completed" and not spec.paused:
                     # L1 ran on the destination before QEMU went: its console is its last word

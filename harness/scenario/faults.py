@@ -430,6 +430,11 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           must_fail="migration-completed", scenario="migrate-plain", needs_paused=False,
           retry=True, dst_config=_more_ram,
           detail_re=r"source status failed.*; destination: .*(mismatch|ength)"),
+    Fault("stop-src", "the source VM is stopped before the migration and never resumed (L1 "
+          "hung): the destination takes it paused", {"before-migrate": lambda at:
+                                                     at.source().qmp("stop")},
+          must_fail="dst-qemu-alive", scenario="migrate-plain", needs_paused=False,
+          also_fails=("l1-ssh-on-dst",), detail_re=r"run state paused, expected running"),
     Fault("hang-src", "the source QEMU is SIGSTOPped mid-stream (L1 and its QEMU hang): no "
           "progress, said at once, never waited on", {"during-migrate": _mid_stream(
               "hang-src", lambda src, dst: os.kill(src.pid or 0, signal.SIGSTOP))},

@@ -188,20 +188,42 @@ class _Spawner:
 _SPAWNER = _Spawner()
 
 
+_INTERRUPTED = threading.Event()
+
+
+def note_interrupt() -> None:
+    """Called by the runners' SIGINT/SIGTERM handlers: the stop was asked for. A library may
+    turn the KeyboardInterrupt into an error of its own (qemu.qmp's connect raises
+    ConnectError); whoever catches errors asks interrupted() before calling it a result."""
+    _INTERRUPTED.set()
+
+
+def interrupted() -> bool:
+    return _INTERRUPTED.is_set()
+
+
 @contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back for a short, bounded block that must not be cut in the
     middle (an asyncio session whose library cannot be interrupted at any point); they are
-    delivered, and act, right after it. Outside the main thread: no-op."""
+    delivered, and act, right after it. Outside the main thread: no-op.
+
+    Deferred at the handler, not with the signal mask: a mask is per thread, and a process
+    signal goes to any thread that leaves it unblocked (xdist's, a relay's), whose arrival
+    still runs the main thread's Python handler at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def pid_state(pid: int) -> str:

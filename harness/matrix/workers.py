@@ -492,6 +492,7 @@ def _interrupt_once(signum: int, frame: object) -> None:
     # interrupt the teardown the first started.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    proc.note_interrupt()
     raise KeyboardInterrupt
 
 
@@ -508,11 +509,16 @@ def _worker(job_json: dict[str, Any], conn: Any,
         conn.send(record)
     except KeyboardInterrupt:
         pass  # the parent asked; it keeps what finished
-    except NestvirtError as e:
-        conn.send(error_record(job, str(e)))
     except Exception as e:  # noqa: BLE001 - a worker bug must still come back as a result
-        conn.send(error_record(job, f"internal error in worker: {type(e).__name__}: {e}\n"
-                                    f"{traceback.format_exc(limit=5)}"))
+        if proc.interrupted():
+            # The interrupt landed inside a library that turned it into its own error
+            # (qemu.qmp's connect: ConnectError): still the parent's stop, not a result.
+            pass
+        elif isinstance(e, NestvirtError):
+            conn.send(error_record(job, str(e)))
+        else:
+            conn.send(error_record(job, f"internal error in worker: {type(e).__name__}: {e}\n"
+                                        f"{traceback.format_exc(limit=5)}"))
     finally:
         proc.reap_all()
         conn.close()

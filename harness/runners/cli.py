@@ -209,6 +209,7 @@ def _interrupt(signum: int, frame: object) -> None:
     # interrupt the teardown the first started.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    proc.note_interrupt()
     raise KeyboardInterrupt
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Protocol
 
+from harness.core import proc
 from harness.core.errors import NestvirtError
 from harness.scenario.checks import Check
 
@@ -83,6 +84,9 @@ def execute_guarded(run: Steps, res: ScenarioResult, workdir: Path) -> None:
         else:  # the results disk, not the engine: say which write it refused
             res.verdict, res.reason = "error", f"out of disk: {failed_write(e)}"
     except Exception as e:  # noqa: BLE001 - an engine bug must still leave a result behind
+        if proc.interrupted():
+            # Ctrl-C that a library turned into its own error: a stop, not an engine bug.
+            raise KeyboardInterrupt from e
         _internal_error(res, workdir, e)
     finally:
         run.teardown()

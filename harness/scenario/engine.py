@@ -109,7 +109,7 @@ def nested_state_reason(spec: ScenarioSpec, host: HostFacts) -> str | None:
         return (f"needs KVM nested state (KVM_CAP_NESTED_STATE) to carry L1's vCPU in guest mode; "
                 f"under {host.accel} QEMU has none and the destination refuses such a vCPU "
                 "(target/i386/machine.c): runs where KVM is (see the KVM host VM)")
-    if not host.kvm.caps.get("NESTED_STATE"):
+    if not host.kvm.caps.get("nested_state"):
         return "needs KVM_CAP_NESTED_STATE, which this host's KVM lacks"
     return None
 

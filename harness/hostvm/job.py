@@ -1,0 +1,52 @@
+"""What the host VM runs: job.sh (chrooted in its root, the host's files at their host paths),
+which runs nestvirt itself with ``--accel kvm`` and records KVM's nested tracepoints."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness.core.cache import cache_root
+from harness.core.paths import REPO
+
+# Inside the host VM: where the inner run writes (the exchange disk carries /results back).
+INNER_OUT = "/results/run"
+TRACE = "/results/kvm-trace.txt"
+QEMU_PIDS = "/results/qemu-pids.txt"
+# KVM's tracepoints that say where an inner L1's vCPU is: a VMRUN emulated for it enters guest
+# mode, an exit reflected to it (vmexit_inject) leaves it.
+# (Linux 6.1 names the entry kvm_nested_vmenter; before 5.x it was kvm_nested_vmrun.)
+TRACE_EVENTS = ("kvm_nested_vmenter", "kvm_nested_vmrun", "kvm_nested_vmexit_inject")
+
+
+def render_job(inner_args: Sequence[str], *, trace: bool = True) -> str:
+    """job.sh for ``python -m harness INNER_ARGS`` as this process's own interpreter and tree."""
+    py = shlex.quote(sys.executable)
+    env = {"HOME": str(Path.home()), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:"
+           "/usr/sbin:/sbin", "NESTVIRT_CACHE": str(cache_root()), "PYTHONDONTWRITEBYTECODE": "1",
+           "LANG": "C.UTF-8"}
+    lines = ["set -u", "ev() { echo \"NESTVIRT-HOSTVM $*\" > /dev/ttyS1; }",
+             *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+             f"cd {shlex.quote(str(REPO))}", f"mkdir -p {INNER_OUT}"]
+    if trace:
+        t = "/sys/kernel/tracing"
+        lines += [f"echo 16384 > {t}/buffer_size_kb",
+                  f"echo 1 > {t}/options/record-tgid",
+                  *(f"[ -e {t}/events/kvm/{e} ] && echo 1 > {t}/events/kvm/{e}/enable"
+                    for e in TRACE_EVENTS),
+                  f"cat {t}/trace_pipe > {TRACE} 2>/dev/null &", "tracer=$!",
+                  # Which QEMU each trace pid is: the sampler notes every new qemu process.
+                  "( seen=' '; while true; do for d in /proc/[0-9]*; do p=${d#/proc/}; "
+                  "case \"$seen\" in *\" $p \"*) continue;; esac; "
+                  "c=$( (tr '\\0' ' ' < $d/cmdline) 2>/dev/null); case \"$c\" in *qemu-system*) "
+                  f"echo \"$p $c\" >> {QEMU_PIDS}; seen=\"$seen$p \";; esac; done; sleep 0.3; "
+                  "done ) &", "sampler=$!"]
+    argv = " ".join(shlex.quote(a) for a in inner_args)
+    lines += ["ev job-start", f"{py} -X frozen_modules=on -m harness {argv}", "rc=$?"]
+    if trace:
+        lines += ["echo 0 > /sys/kernel/tracing/events/kvm/enable",
+                  "sleep 0.5; kill $tracer $sampler 2>/dev/null"]
+    lines += ["exit $rc", ""]
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("vm",),
     ("scenario",),
     ("results",),
-    ("vmexit", "selftests", "bench"),
+    ("vmexit", "selftests", "bench", "hostvm"),
     ("matrix",),
     ("runners",),
 )

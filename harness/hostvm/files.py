@@ -30,7 +30,9 @@ REPO_FILES = ("pyproject.toml",)
 # Small host files a Python/paramiko process or the dynamic loader reads at start.
 ETC = ("/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/ld.so.cache",
        "/etc/localtime")
-HOST_TOOLS = ("/bin/busybox", "/usr/sbin/dropbear", "/usr/bin/env", "/usr/bin/cpio")
+# coreutils' touch: busybox's cannot set nanoseconds (job.py puts the host's mtimes back).
+HOST_TOOLS = ("/bin/busybox", "/usr/sbin/dropbear", "/usr/bin/env", "/usr/bin/cpio",
+              "/usr/bin/touch")
 ELF = b"\x7fELF"
 
 

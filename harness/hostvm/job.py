@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from harness.core.cache import cache_root
@@ -21,8 +21,10 @@ QEMU_PIDS = "/results/qemu-pids.txt"
 TRACE_EVENTS = ("kvm_nested_vmenter", "kvm_nested_vmrun", "kvm_nested_vmexit_inject")
 
 
-def render_job(inner_args: Sequence[str], *, trace: bool = True) -> str:
-    """job.sh for ``python -m harness INNER_ARGS`` as this process's own interpreter and tree."""
+def render_job(inner_args: Sequence[str], *, trace: bool = True, stdout: str = "",
+               mtimes: Mapping[str, int] | None = None) -> str:
+    """job.sh for ``python -m harness INNER_ARGS`` as this process's own interpreter and tree
+    (``stdout``: a file inside the host VM for its standard output, else the console)."""
     py = shlex.quote(sys.executable)
     env = {"HOME": str(Path.home()), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:"
            "/usr/sbin:/sbin", "NESTVIRT_CACHE": str(cache_root()), "PYTHONDONTWRITEBYTECODE": "1",
@@ -30,6 +32,10 @@ def render_job(inner_args: Sequence[str], *, trace: bool = True) -> str:
     lines = ["set -u", "ev() { echo \"NESTVIRT-HOSTVM $*\" > /dev/ttyS1; }",
              *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
              f"cd {shlex.quote(str(REPO))}", f"mkdir -p {INNER_OUT}"]
+    # mkfs.ext4 -d keeps whole seconds only; caches keyed on nanosecond mtimes (the QEMU probe
+    # cache) would miss and probe every binary again under TCG: put the host's times back.
+    for path, ns in sorted((mtimes or {}).items()):
+        lines.append(f"touch -m -h -d @{ns // 10**9}.{ns % 10**9:09d} {shlex.quote(path)}")
     if trace:
         t = "/sys/kernel/tracing"
         lines += [f"echo 16384 > {t}/buffer_size_kb",
@@ -44,7 +50,8 @@ def render_job(inner_args: Sequence[str], *, trace: bool = True) -> str:
                   f"echo \"$p $c\" >> {QEMU_PIDS}; seen=\"$seen$p \";; esac; done; sleep 0.3; "
                   "done ) &", "sampler=$!"]
     argv = " ".join(shlex.quote(a) for a in inner_args)
-    lines += ["ev job-start", f"{py} -X frozen_modules=on -m harness {argv}", "rc=$?"]
+    lines += ["ev job-start", f"{py} -X frozen_modules=on -m harness {argv}"
+              + (f" > {shlex.quote(stdout)}" if stdout else ""), "rc=$?"]
     if trace:
         lines += ["echo 0 > /sys/kernel/tracing/events/kvm/enable",
                   "sleep 0.5; kill $tracer $sampler 2>/dev/null"]

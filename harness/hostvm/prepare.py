@@ -4,6 +4,7 @@ finds it cached), the inventory's QEMUs, the root image and the first-stage init
 from __future__ import annotations
 
 import compileall
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,21 @@ class Prepared:
     l1: L1Image
     seconds: dict[str, float]
     built: bool  # the root image was (re)built now
+    mtimes: dict[str, int]  # paths whose nanosecond mtime the image loses (see job.py)
+
+
+def keyed_mtimes(inv: Inventory) -> dict[str, int]:
+    """The paths the inventory's probe cache keys on, with their nanosecond mtimes."""
+    out: dict[str, int] = {}
+    for q in inv.qemus:
+        for p in (q.binary, q.module_dir, SYSTEM_MODULE_DIR, *q.firmware_dirs):
+            try:
+                ns = os.stat(p).st_mtime_ns if p else 0
+            except OSError:
+                continue
+            if ns % 10**9:
+                out[p] = ns
+    return out
 
 
 def image_trees(inv: Inventory, l1: L1Image) -> list[Path]:
@@ -83,4 +99,4 @@ def prepare(*, kernel: str | None = None, modules: str | None = None, qemu: str 
                       firmware_dirs=q.firmware_dirs, kernel=k, initramfs=initrd, image=image,
                       mem_mib=mem_mib, smp=smp, cpu=cpu)
     check_spec(spec)
-    return Prepared(spec, l1, seconds, built)
+    return Prepared(spec, l1, seconds, built, keyed_mtimes(inv))

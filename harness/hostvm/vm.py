@@ -15,8 +15,8 @@ from typing import Any
 from harness.core import proc
 from harness.core.errors import UsageError
 from harness.guest.kernel import Kernel
-from harness.hostvm.image import RootImage
 from harness.host.probe import firmware_args, launch_env
+from harness.hostvm.image import RootImage
 
 EVENT = "NESTVIRT-HOSTVM "
 # What two inner L1s at once need (512 MiB each, their QEMUs, the host VM's kernel, Python

@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stall-timeout", type=float, default=15.0, metavar="S",
                    help="cancel a migration whose byte count has not moved for S seconds "
                         "(default 15; on a dead link TCP alone retries for ~15 min)")
+    r.add_argument("--in-hostvm", action="store_true",
+                   help="run inside the KVM host VM (booted here under TCG, nested SVM) with "
+                        "--accel kvm: one host VM for every variant (see `nestvirt hostvm`)")
+    from harness.hostvm.command import add_command as add_hostvm_command
+    from harness.hostvm.command import add_hostvm_options
+
+    add_hostvm_options(r)
+    add_hostvm_command(sub)
     _add_vmexit_parser(sub)
     _add_selftest_parser(sub)
     # Matrix runs, parallel/repeated runs, replays (run options) and the matrix/report commands.
@@ -191,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     scratch.sweep()
     try:
         args = build_parser().parse_args(argv)
+        args.raw_argv = list(sys.argv[1:] if argv is None else argv)
         return {"doctor": cmd_doctor, "qemu": cmd_qemu, "list": cmd_list, "run": cmd_run,
                 "vmexit": cmd_vmexit, "selftest": cmd_selftest, "matrix": cmd_matrix,
-                "report": cmd_report, "bench": cmd_bench}[args.cmd](args)
+                "report": cmd_report, "bench": cmd_bench, "hostvm": cmd_hostvm}[args.cmd](args)
     except (UsageError, SetupError) as e:
         print(f"nestvirt: error: {e}", file=sys.stderr)
         return 2
@@ -320,6 +329,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.repeat is not None and args.repeat < 1:
         # 0 is falsy: unchecked it fell through to the plain run of the whole suite.
         raise UsageError(f"--repeat must be at least 1 (got {args.repeat})")
+    if args.in_hostvm:
+        from harness.hostvm.command import cmd_run_in_hostvm
+
+        return cmd_run_in_hostvm(args, args.raw_argv)
     if wants_batch(args):
         return cmd_run_batch(args)
     knobs = mode_knobs(args)
@@ -409,6 +422,12 @@ def _write_repro(result: ScenarioResult, variant: Variant, image: dict, host: di
 
     if result.verdict in BUNDLE_VERDICTS and result.artifacts.get("dir"):
         write_bundle(result, variant.to_json(), image, host)
+
+
+def cmd_hostvm(args: argparse.Namespace) -> int:
+    from harness.hostvm.command import cmd_hostvm as run_hostvm_command
+
+    return run_hostvm_command(args)
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:

@@ -1,0 +1,148 @@
+"""`nestvirt hostvm status|build|boot` and the `--in-hostvm` options of `run`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from harness.core.errors import UsageError
+from harness.hostvm.vm import DEFAULT_MEM_MIB, DEFAULT_SMP
+
+
+def add_hostvm_options(p: argparse.ArgumentParser) -> None:
+    """The host VM's shape, for `hostvm` and `run --in-hostvm`."""
+    p.add_argument("--hostvm-mem", type=int, default=DEFAULT_MEM_MIB, metavar="MIB",
+                   help=f"host VM memory (default {DEFAULT_MEM_MIB}: two inner L1s at once)")
+    p.add_argument("--hostvm-smp", type=int, default=DEFAULT_SMP, metavar="N",
+                   help=f"host VM vCPUs (default {DEFAULT_SMP})")
+    p.add_argument("--hostvm-cpu", default="max", metavar="MODEL",
+                   help="host VM -cpu under TCG (default max: nested SVM with NPT)")
+    p.add_argument("--hostvm-qemu", metavar="NAME|PATH",
+                   help="the outer QEMU (default: the inventory's newest)")
+    p.add_argument("--hostvm-deadline", type=float, metavar="S",
+                   help="bound on the whole host VM run (default: from the variant count)")
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    h = sub.add_parser("hostvm", help="the KVM host VM (TCG-booted, nested SVM): status, "
+                       "build its image, boot it and print its inner probe",
+                       description="A Linux booted here under TCG with -cpu max whose KVM "
+                       "(kvm-amd, nested=1) runs nestvirt's KVM paths: `nestvirt run "
+                       "--in-hostvm` runs scenarios inside it with --accel kvm.")
+    h.add_argument("action", choices=("status", "build", "boot"))
+    h.add_argument("--kernel", help="host VM and L1 kernel (default: as `run`)")
+    h.add_argument("--modules", help="module tree for --kernel")
+    h.add_argument("--out", type=Path, help="results directory for boot (default results/<time>)")
+    h.add_argument("--json", action="store_true")
+    add_hostvm_options(h)
+
+
+def prepare_from(args: argparse.Namespace, build: bool = True):
+    from harness.hostvm.prepare import prepare
+
+    return prepare(kernel=getattr(args, "kernel", None), modules=getattr(args, "modules", None),
+                   qemu=args.hostvm_qemu, mem_mib=args.hostvm_mem, smp=args.hostvm_smp,
+                   cpu=args.hostvm_cpu, build=build)
+
+
+def cmd_hostvm(args: argparse.Namespace) -> int:
+    from harness.core.errors import SetupError
+
+    if args.action == "status":
+        try:
+            p = prepare_from(args, build=False)
+        except SetupError as e:
+            print(json.dumps({"ready": False, "why": str(e)}) if args.json else f"not ready: {e}")
+            return 1
+        doc = {"ready": True, **p.spec.to_json()}
+        print(json.dumps(doc, indent=2) if args.json else
+              f"ready: image {p.spec.image.path} ({p.spec.image.files} files, "
+              f"{p.spec.image.bytes >> 20} MiB), QEMU {p.spec.qemu_version}, "
+              f"{p.spec.mem_mib} MiB, {p.spec.smp} vCPUs")
+        return 0
+    t0 = time.monotonic()
+    p = prepare_from(args)
+    if args.action == "build":
+        print(json.dumps({**p.spec.to_json(), "seconds": p.seconds, "built": p.built}, indent=2)
+              if args.json else f"host VM image {p.spec.image.path}: "
+              f"{'built' if p.built else 'up to date'} in {time.monotonic() - t0:.1f}s "
+              f"({p.spec.image.files} files, {p.spec.image.bytes >> 20} MiB)")
+        return 0
+    return _boot(p, args)
+
+
+def _boot(p, args: argparse.Namespace) -> int:
+    """Boot once, run the inner probe (`doctor --accel kvm --json`), print it and the timings."""
+    from harness.hostvm.job import render_job
+    from harness.hostvm.vm import run_job
+    from harness.results.record import prepare_out
+
+    out = prepare_out(args.out)
+    job = render_job(["doctor", "--accel", "kvm", "--json"], trace=False,
+                     stdout="/results/doctor.json", mtimes=p.mtimes)
+    o = run_job(p.spec, {"job.sh": job}, out / "hostvm", deadline_s=180,
+                results=out / "hostvm" / "readback")
+    doc = {"hostvm": p.spec.to_json(), "outcome": o.to_json()}
+    probe = out / "hostvm" / "readback" / "doctor.json"
+    if o.status == "ok" and probe.exists():
+        doc["inner_probe"] = json.loads(probe.read_text() or "{}")
+    (out / "hostvm.json").write_text(json.dumps(doc, indent=2))
+    if o.status != "ok" or o.job_rc:
+        why = o.reason or f"inner probe exited {o.job_rc}"
+        print(f"nestvirt: host VM: {why}", file=sys.stderr)
+        for ln in o.console_tail[-5:]:
+            print(f"  {ln}", file=sys.stderr)
+        return 2 if o.status == "fatal" else 1
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        ip = doc.get("inner_probe", {})
+        caps = ip.get("kvm", {}).get("caps", {})
+        print(f"host VM ready in {o.seconds.get('boot_to_ready')}s (total "
+              f"{o.seconds.get('total')}s): inner accel {ip.get('accel')}, "
+              f"{ip.get('kvm', {}).get('module')} nested={ip.get('kvm', {}).get('nested_param')}, "
+              f"caps {', '.join(k for k, v in caps.items() if v)}; {out / 'hostvm.json'}")
+    return 0
+
+
+def cmd_run_in_hostvm(args: argparse.Namespace, raw: list[str]) -> int:
+    """`run --in-hostvm`: bad input checked here first, then one host VM for every variant."""
+    from harness.hostvm.run import inner_args, run_in_hostvm
+    from harness.results.record import exit_status, link_latest, prepare_out
+    from harness.results.views import console_table, junit_xml
+
+    if args.accel == "tcg":
+        raise UsageError("--in-hostvm runs with --accel kvm inside the host VM; drop --accel tcg")
+    for bad in ("dst_host", "matrix"):
+        if getattr(args, bad, None):
+            raise UsageError(f"--in-hostvm does not combine with --{bad.replace('_', '-')}")
+    p = prepare_from(args)
+    out = prepare_out(args.out)
+    inner = inner_args(raw[raw.index("run") + 1:] if "run" in raw else raw)
+    if not args.json:
+        print(f"nestvirt: host VM: QEMU {p.spec.qemu_version} TCG -cpu {p.spec.cpu}, "
+              f"{p.spec.mem_mib} MiB, {p.spec.smp} vCPUs; inside: run --accel kvm "
+              f"{' '.join(inner)}", file=sys.stderr)
+
+    def show(ev: dict[str, str]) -> None:
+        if not args.json and ev["event"] in ("ready", "job-done", "fatal"):
+            print(f"nestvirt: host VM {ev['event']} at {ev['t']}s", file=sys.stderr)
+
+    _, results, _ = run_in_hostvm(p, inner, out, deadline_s=args.hostvm_deadline,
+                                  on_event=show)
+    (out / "junit.xml").write_text(junit_xml(results))
+    link_latest(out)
+    fatal = results and results[0].id == "hostvm" and \
+        results[0].metrics.get("hostvm_outcome", {}).get("status") == "fatal"
+    if args.json:
+        print((out / "results.json").read_text())
+    else:
+        print(console_table(results))
+        print(f"results: {out / 'results.json'}")
+    if fatal:
+        print(f"nestvirt: error: {results[0].reason}", file=sys.stderr)
+        return 2
+    return exit_status(results)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from harness.scenario.checks import Check
@@ -26,22 +26,35 @@ LEAVE = frozenset({"kvm_nested_vmexit_inject"})
 #  -chardev file,id=console,path=/results/run/migrate-nested_none/src-console.log ..."
 _ROLE = re.compile(r"-name nestvirt-(?P<role>src|dst)\b")
 _DIR = re.compile(r"path=\S*/(?P<dir>[^/\s]+)/(?:src|dst)-console\.log")
-CHECK = "stop-in-guest-mode"
+CHECK = "kvm-nested-state"
 
 
 @dataclass
 class VcpuTrace:
-    """The nested events of one QEMU's vCPU threads."""
+    """The nested events of one QEMU's vCPU threads (each thread judged on its own)."""
 
     enters: int = 0
     leaves: int = 0
-    last: str = ""  # "enter" | "leave" | ""
     first_ts: float = 0.0
     last_ts: float = 0.0
+    first: dict[int, str] = field(default_factory=dict)  # tid -> "enter" | "leave"
+    last: dict[int, str] = field(default_factory=dict)
 
     @property
-    def in_guest_mode(self) -> bool:
-        return self.last == "enter"
+    def ended_in_guest_mode(self) -> bool:
+        """A vCPU's last event was a VMRUN: it was in L2 when it stopped for good."""
+        return "enter" in self.last.values()
+
+    @property
+    def began_in_guest_mode(self) -> bool:
+        """A vCPU's first event was an exit from L2: it started in guest mode, which only a
+        restored nested state does (a fresh L1 enters L2 by VMRUN first)."""
+        return "leave" in self.first.values()
+
+    def summary(self) -> dict[str, Any]:
+        return {"enters": self.enters, "leaves": self.leaves, "first_ts": self.first_ts,
+                "last_ts": self.last_ts, "ended_in_guest_mode": self.ended_in_guest_mode,
+                "began_in_guest_mode": self.began_in_guest_mode}
 
 
 def qemu_roles(pid_lines: Iterable[str]) -> dict[int, tuple[str, str]]:
@@ -66,10 +79,12 @@ def per_qemu(trace_lines: Iterable[str]) -> dict[int, VcpuTrace]:
         kind = "enter" if ev in ENTER else "leave" if ev in LEAVE else ""
         if not kind:
             continue
-        t = out.setdefault(int(m.group("tgid")), VcpuTrace(first_ts=float(m.group("ts"))))
+        ts, tid = float(m.group("ts")), int(m.group("tid"))
+        t = out.setdefault(int(m.group("tgid")), VcpuTrace(first_ts=ts))
         t.enters += kind == "enter"
         t.leaves += kind == "leave"
-        t.last, t.last_ts = kind, float(m.group("ts"))
+        t.first.setdefault(tid, kind)
+        t.last[tid], t.last_ts = kind, ts
     return out
 
 
@@ -80,19 +95,26 @@ def by_variant(trace_lines: Iterable[str], pid_lines: Iterable[str]) -> dict[str
     for pid, t in per_qemu(trace_lines).items():
         if pid in roles:
             d, role = roles[pid]
-            out.setdefault(d, {})[role] = {**asdict(t), "in_guest_mode_at_end": t.in_guest_mode}
+            out.setdefault(d, {})[role] = t.summary()
     return out
 
 
-def guest_mode_check(summary: Mapping[str, Any] | None) -> Check:
-    """stop-in-guest-mode: the source's vCPU was in L2 guest mode when the migration stopped
-    it (its last nested event a VMRUN) and the destination ran L2 on (VMRUNs there)."""
+def nested_state_check(summary: Mapping[str, Any] | None) -> Check:
+    """kvm-nested-state: L2 ran on the source, ran on after the destination restored the
+    nested state, and the destination resumed where the source stopped: a source that stopped
+    in guest mode (last nested event a VMRUN) has a destination whose first nested event is an
+    exit from L2 (it resumed inside L2, which only a restored nested state does), and one
+    stopped in L1 has a destination that enters L2 by VMRUN first."""
     if not summary or "src" not in summary:
         return Check(CHECK, False, "no nested tracepoint events for the source's vCPU "
-                     "(trace missing or L2 never ran)")
+                     "(trace missing, or L2 never ran)")
     src, dst = summary["src"], summary.get("dst") or {}
-    where = ("in guest mode (last nested event: VMRUN)" if src["in_guest_mode_at_end"]
-             else "outside guest mode (last nested event: an exit reflected to L1)")
-    detail = (f"source stopped {where} after {src['enters']} VMRUNs; destination ran "
-              f"{dst.get('enters', 0)} VMRUNs after restoring the nested state")
-    return Check(CHECK, bool(src["in_guest_mode_at_end"] and dst.get("enters", 0) > 0), detail)
+    if not dst.get("enters"):
+        return Check(CHECK, False, f"the source ran {src['enters']} VMRUNs, the destination "
+                     "none: L2 did not run on after the restore")
+    where = "in guest mode" if src["ended_in_guest_mode"] else "in L1 (outside guest mode)"
+    resumed = "in guest mode" if dst["began_in_guest_mode"] else "in L1"
+    ok = src["ended_in_guest_mode"] == dst["began_in_guest_mode"]
+    return Check(CHECK, ok, f"source stopped {where} after {src['enters']} VMRUNs; destination "
+                 f"resumed {resumed} and ran {dst['enters']} VMRUNs"
+                 + ("" if ok else ": the nested state did not carry where the vCPU was"))

@@ -67,8 +67,12 @@ def merge(inner_doc: dict[str, Any], results: list[ScenarioResult], local: Path,
         if summary:
             r.metrics["kvm_nested_trace"] = summary
         spec = SCENARIOS.get(r.scenario)
-        if spec is not None and spec.needs_nested_state and r.verdict in ("pass", "fail"):
-            c = evidence.guest_mode_check(summary)
+        if (spec is not None and spec.state == "nested" and not spec.paused
+                and r.verdict in ("pass", "fail") and r.metrics.get("migration_status")
+                == "completed"):
+            c = evidence.nested_state_check(summary)
+            r.metrics["stop_in_guest_mode"] = bool(summary and summary.get("src", {})
+                                                   .get("ended_in_guest_mode"))
             r.checks.append(c)
             if not c.ok and r.verdict == "pass":
                 r.verdict, r.reason = "fail", f"{c.name}: {c.detail}"

@@ -1,0 +1,158 @@
+"""The host VM's pieces on their own: image keying, the init and job scripts, argument
+pass-through, result read-back, the nested-trace evidence (with cases where it must fail)."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from harness.core.errors import UsageError
+from harness.hostvm import evidence
+from harness.hostvm.files import with_parents_links
+from harness.hostvm.image import selection_key, stage_files
+from harness.hostvm.initramfs import render_init
+from harness.hostvm.job import INNER_OUT, render_job
+from harness.hostvm.run import inner_args, inner_path
+from harness.hostvm.vm import (
+    MIN_MEM_MIB,
+    HostVmSpec,
+    check_spec,
+    make_exchange,
+    parse_event,
+    read_results,
+)
+
+
+def test_selection_key_follows_size_mtime_and_link_target(tmp_path: Path):
+    a = tmp_path / "a"
+    a.write_text("one")
+    link = tmp_path / "l"
+    link.symlink_to("a")
+    k0 = selection_key([a, link])
+    assert selection_key([a, link]) == k0
+    os.utime(a, ns=(1, 2))
+    k1 = selection_key([a, link])
+    assert k1 != k0
+    a.write_text("three")
+    os.utime(a, ns=(1, 2))
+    assert selection_key([a, link]) != k1  # same mtime, other size
+    link.unlink()
+    link.symlink_to("b")
+    assert selection_key([a, link]) != k1
+
+
+def test_staging_keeps_host_paths_through_symlinked_dirs(tmp_path: Path):
+    real = tmp_path / "usr" / "lib"
+    real.mkdir(parents=True)
+    (real / "libx.so").write_text("x")
+    (tmp_path / "lib").symlink_to("usr/lib")
+    chosen = with_parents_links([tmp_path / "lib" / "libx.so"])
+    assert tmp_path / "lib" in chosen and real / "libx.so" in chosen
+    stage = tmp_path / "stage"
+    n, size = stage_files(sorted(chosen), stage)
+    inside = stage / str(tmp_path).lstrip("/")
+    assert (inside / "lib").is_symlink() and (inside / "lib" / "libx.so").read_text() == "x"
+    assert n == 2 and size == 1
+
+
+def test_init_loads_kvm_amd_with_nesting_and_reads_only_the_job_blocks():
+    text = render_init(["irqbypass", "kvm", "kvm_amd", "virtio_blk"], beat_s=3)
+    assert "for m in irqbypass kvm kvm_amd virtio_blk; do" in text
+    assert 'args="nested=1"' in text and "sleep 3" in text
+    assert "nestvirt.job_blocks" in text and "count=${blocks:-0}" in text
+    assert "fail no-svm" in text and "poweroff -f" in text
+
+
+def test_job_runs_this_interpreter_with_quoted_args_and_puts_mtimes_back():
+    job = render_job(["run", "--accel", "kvm", "--out", INNER_OUT, "x; reboot"],
+                     mtimes={"/a b": 1_700_000_000_123_456_789})
+    assert "'x; reboot'" in job
+    assert "touch -m -h -d @1700000000.123456789 '/a b'" in job
+    assert "kvm_nested_vmenter" in job and "trace_pipe" in job
+    assert "trace_pipe" not in render_job(["doctor"], trace=False)
+
+
+def test_inner_args_drop_the_outer_options():
+    got = inner_args(["migrate-nested", "--in-hostvm", "--out", "/r", "--hostvm-mem=4096",
+                      "--accel", "kvm", "--compression", "none", "--repeat", "3"])
+    assert got == ["migrate-nested", "--compression", "none", "--repeat", "3"]
+    assert inner_path(f"{INNER_OUT}/migrate-nested_none", Path("/h/inner")) == \
+        "/h/inner/migrate-nested_none"
+
+
+def _spec(tmp_path: Path, **kw) -> HostVmSpec:
+    from harness.guest.kernel import Kernel
+    from harness.hostvm.image import RootImage
+
+    k = Kernel(tmp_path / "vmlinuz", tmp_path, "6.1", "test")
+    return HostVmSpec(qemu="q", qemu_version="10.0.2", module_dir="", firmware_dirs=(),
+                      kernel=k, initramfs=tmp_path / "i", image=RootImage(tmp_path, "k", 1, 1),
+                      **kw)
+
+
+def test_bad_host_vm_shapes_are_refused(tmp_path: Path):
+    check_spec(_spec(tmp_path))
+    with pytest.raises(UsageError, match="at least"):
+        check_spec(_spec(tmp_path, mem_mib=MIN_MEM_MIB - 1))
+    with pytest.raises(UsageError, match="SVM is turned off"):
+        check_spec(_spec(tmp_path, cpu="max,-svm"))
+
+
+def test_exchange_round_trip_and_escapes_refused(tmp_path: Path):
+    disk = tmp_path / "x.raw"
+    blocks = make_exchange(disk, {"job.sh": "echo hi\n"})
+    assert 1 <= blocks <= 20 and disk.stat().st_size > blocks * 512
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("./run/results.json", b"{}"), ("../evil", b"x"), ("/abs", b"y")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    disk.write_bytes(buf.getvalue() + b"\0" * 4096)
+    got = read_results(disk, tmp_path / "back")
+    assert got == ["run/results.json"]
+    assert not (tmp_path / "evil").exists() and (tmp_path / "back/run/results.json").exists()
+
+
+def test_events_parse():
+    assert parse_event("NESTVIRT-HOSTVM kvm svm=yes nested=1") == \
+        {"event": "kvm", "svm": "yes", "nested": "1"}
+    assert parse_event("[ 1.0] kernel line") is None
+
+
+PIDS = ["100 /q/qemu-system-x86_64 -name nestvirt-src,debug-threads=on -chardev "
+        "file,id=console,path=/results/run/migrate-nested_none/src-console.log",
+        "200 /q/qemu-system-x86_64 -name nestvirt-dst,debug-threads=on -chardev "
+        "file,id=console,path=/results/run/migrate-nested_none/dst-console.log",
+        "300 /q/qemu-system-x86_64 -machine none"]
+
+
+def _ev(tgid: int, ts: float, enter: bool) -> str:
+    name = "kvm_nested_vmenter: rip: 0x1" if enter else "kvm_nested_vmexit_inject: reason: io"
+    return f"  CPU 0/KVM-{tgid + 1}    (  {tgid}) [000] .....   {ts:.6f}: {name}"
+
+
+def test_trace_says_the_stop_caught_guest_mode_and_the_destination_resumed_there():
+    trace = [_ev(100, 1.0, True), _ev(100, 1.1, False), _ev(100, 1.2, True),  # stop in L2
+             _ev(200, 2.0, False), _ev(200, 2.1, True)]  # dst begins inside L2
+    s = evidence.by_variant(trace, PIDS)["migrate-nested_none"]
+    assert s["src"]["ended_in_guest_mode"] and s["dst"]["began_in_guest_mode"]
+    c = evidence.nested_state_check(s)
+    assert c.ok and "stopped in guest mode" in c.detail
+
+
+def test_trace_check_fails_when_guest_mode_was_not_carried_or_l2_did_not_run_on():
+    lost = [_ev(100, 1.0, True), _ev(200, 2.0, True), _ev(200, 2.1, False)]
+    c = evidence.nested_state_check(evidence.by_variant(lost, PIDS)["migrate-nested_none"])
+    assert not c.ok and "did not carry" in c.detail
+    dead = [_ev(100, 1.0, True), _ev(100, 1.1, False)]
+    c = evidence.nested_state_check(evidence.by_variant(dead, PIDS)["migrate-nested_none"])
+    assert not c.ok and "destination none" in c.detail
+    assert not evidence.nested_state_check(None).ok
+    outside = [_ev(100, 1.0, True), _ev(100, 1.1, False), _ev(200, 2.0, True)]
+    c = evidence.nested_state_check(evidence.by_variant(outside, PIDS)["migrate-nested_none"])
+    assert c.ok and "in L1" in c.detail

@@ -35,7 +35,7 @@ def render_job(inner_args: Sequence[str], *, trace: bool = True, stdout: str = "
     # mkfs.ext4 -d keeps whole seconds only; caches keyed on nanosecond mtimes (the QEMU probe
     # cache) would miss and probe every binary again under TCG: put the host's times back.
     for path, ns in sorted((mtimes or {}).items()):
-        lines.append(f"touch -m -h -d @{ns // 10**9}.{ns % 10**9:09d} {shlex.quote(path)}")
+        lines.append(f"/usr/bin/touch -m -h -d @{ns // 10**9}.{ns % 10**9:09d} {shlex.quote(path)}")
     if trace:
         t = "/sys/kernel/tracing"
         lines += [f"echo 16384 > {t}/buffer_size_kb",

@@ -5,6 +5,7 @@ an Outcome with the console's last words, never a hang; the QEMU is always reape
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 import time
 from collections.abc import Mapping
@@ -15,10 +16,13 @@ from typing import Any
 from harness.core import proc
 from harness.core.errors import UsageError
 from harness.guest.kernel import Kernel
+from harness.guest.kernlog import bad_lines
 from harness.host.probe import firmware_args, launch_env
 from harness.hostvm.image import RootImage
 
 EVENT = "NESTVIRT-HOSTVM "
+# The host VM kernel's own last words when it dies (before KVM's complaints about a guest).
+FATAL_LINE = re.compile(r"Kernel panic|BUG:|Oops|general protection fault|Out of memory")
 # What two inner L1s at once need (512 MiB each, their QEMUs, the host VM's kernel, Python
 # and tmpfs for results): below this the inner run would die of memory, so refuse it.
 MIN_MEM_MIB = 2048
@@ -237,6 +241,11 @@ def run_job(spec: HostVmSpec, files: Mapping[str, str], workdir: Path, *, deadli
     if out.status != "ok":
         err_lines = tail(workdir / "hostvm-qemu.stderr", 3)
         out.console_tail = tail(console) + [f"qemu: {ln}" for ln in err_lines]
+        lines = tail(console, 400)
+        hurt = [ln.strip() for ln in lines if FATAL_LINE.search(ln)] or bad_lines(lines)
+        if hurt:  # the host VM's kernel said why it died: that line leads the reason
+            out.reason += f"; host VM kernel: {hurt[0][:200]}" + \
+                (f" ... {hurt[-1][:200]}" if len(hurt) > 1 else "")
     if out.status == "ok" and results is not None:
         try:
             read_results(exchange, results)

@@ -332,6 +332,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.in_hostvm:
         from harness.hostvm.command import cmd_run_in_hostvm
 
+        # What the inner run would refuse is refused here, before a host VM boots.
+        run_options(args)
+        expand(args.scenarios, args.compression, mode_knobs(args), inject=args.inject,
+               guest_mode_retries=args.guest_mode_retries)
         return cmd_run_in_hostvm(args, args.raw_argv)
     if wants_batch(args):
         return cmd_run_batch(args)

@@ -54,9 +54,18 @@ SCENARIOS: dict[str, ScenarioSpec] = {s.name: s for s in (
                 "migration-completed", "dst-qemu-alive", "l2-cpuid-not-slower-after-migration")),
 )}
 
+SCENARIOS["dirty-limit"] = ScenarioSpec(
+    name="dirty-limit",
+    description="KVM dirty ring (-accel kvm,dirty-ring-size): calc-dirty-rate per vCPU, "
+                "set-vcpu-dirty-limit, then auto-converge vs the dirty-limit capability on a "
+                "guest dirtying faster than the stream; KVM only (the KVM host VM)",
+    state="plain", smp=2,
+    checks=("dirty-ring-rate", "vcpu-dirty-limit", "migration-completed-auto-converge",
+            "migration-completed-dirty-limit", "guest-progress-measured", "l1-workload-pattern"))
+
 # Scenarios measured with one migration mode unless --compression names another (the mode is
 # not what they are about, and each extra mode would repeat the whole measurement).
-SINGLE_MODE = {"vmexit": "multifd-zstd"}
+SINGLE_MODE = {"vmexit": "multifd-zstd", "dirty-limit": "none"}
 
 # The default smoke suite: plain and nested for every mode, plus one identity run.
 SMOKE = (("migrate-plain", None), ("migrate-nested", None), ("migrate-paused-identity", "none"))

@@ -57,6 +57,9 @@ class MachineConfig:
     # re-keyed through it); False: the same device on a null backend (the device set, which
     # migration needs equal on both sides, does not change).
     control: bool = False
+    # Properties of the accelerator (KVM's dirty-ring-size=N): given, QEMU gets -accel ACCEL,OPTS
+    # instead of -machine accel= (it refuses both at once).
+    accel_opts: str = ""
 
 
 class QmpCommandError(NestvirtError):
@@ -158,7 +161,8 @@ class Machine:
                                  undefined=jinja2.StrictUndefined)
         c = self.config
         text = env.get_template("qemu-l1.j2").render(
-            qemu=c.qemu, name=f"nestvirt-{c.name}", accel=c.accel, cpu=c.cpu, mem_mib=c.mem_mib,
+            qemu=c.qemu, name=f"nestvirt-{c.name}", accel=c.accel, accel_opts=c.accel_opts,
+            cpu=c.cpu, mem_mib=c.mem_mib,
             mem_extra_kib=c.mem_extra_kib,
             smp=c.smp, kernel=c.kernel, initrd=c.initrd, append=c.append,
             console_log=self.console_log, events_log=self.events_log, ssh_port=self.ssh_port,

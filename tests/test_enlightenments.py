@@ -147,7 +147,7 @@ def test_explicit_evmcs_on_svm_is_kept_and_skipped_not_raised():
     p = en.resolve_profile("evmcs", None, l1_nested="svm", vendor="amd")
     assert "hv-evmcs" in p.flags
     reason = support(p, l1_nested="svm", hv="host_kvm61_amd.json")
-    assert reason == "hv-evmcs needs KVM with VMX: L1 nesting on this host is svm"
+    assert reason == "hv-evmcs needs KVM with VMX: L1 nesting on this host is svm; Intel hardware only"
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -246,7 +246,8 @@ def test_tcg_host_none_supported_hv_skipped():
 def test_tcg_host_evmcs_names_vmx():
     evmcs = en.get_profile("evmcs")
     assert support(evmcs, accel="tcg", l1_nested="svm", caps={}, hv=None) == (
-        "hv-evmcs needs KVM with VMX: this host runs TCG (l1 nesting is svm)")
+        "hv-evmcs needs KVM with VMX: this host runs TCG (l1 nesting is svm); Intel hardware "
+        "only (TCG offers no VMX, so the KVM host VM cannot run it either)")
 
 
 def test_intel_kvm_with_cap_163_and_evmcs_offered_is_supported():

@@ -16,7 +16,7 @@ from harness.hostvm.files import with_parents_links
 from harness.hostvm.image import selection_key, stage_files
 from harness.hostvm.initramfs import render_init
 from harness.hostvm.job import INNER_OUT, render_job
-from harness.hostvm.run import inner_args, inner_path
+from harness.hostvm.run import inner_args, inner_path, variant_count
 from harness.hostvm.vm import (
     MIN_MEM_MIB,
     HostVmSpec,
@@ -82,6 +82,12 @@ def test_inner_args_drop_the_outer_options():
     assert got == ["migrate-nested", "--compression", "none", "--repeat", "3"]
     assert inner_path(f"{INNER_OUT}/migrate-nested_none", Path("/h/inner")) == \
         "/h/inner/migrate-nested_none"
+
+
+def test_the_deadline_grows_with_the_variants():
+    assert variant_count(["migrate-nested", "--compression", "none"]) == 1
+    assert variant_count(["migrate-nested", "--compression", "none", "--repeat", "10"]) == 10
+    assert variant_count(["a", "b"]) == 10 and variant_count([]) == 11
 
 
 def _spec(tmp_path: Path, **kw) -> HostVmSpec:

@@ -39,11 +39,13 @@ def dirty_limit_reason(host: HostFacts) -> str | None:
     """Why the dirty-limit vs auto-converge comparison cannot run here (None: it can)."""
     if host.accel != "kvm":
         return ("dirty-limit needs KVM with a dirty ring (-accel kvm,dirty-ring-size=N); this host "
-                f"runs {host.accel}, where QEMU refuses it: run the study in the KVM host VM "
-                "(harness/hostvm, issue 10) or on a KVM host")
+                f"runs {host.accel}, where QEMU refuses it: it runs as the "
+                "dirty-limit scenario in the KVM host VM (nestvirt run --in-hostvm dirty-limit) "
+                "or on a KVM host")
     if not any("dirty-limit" in q.migration_capabilities for q in host.qemus):
         return "no QEMU of the inventory has the dirty-limit capability (8.1+)"
-    return "the dirty-limit comparison is not part of this study yet: it belongs with the KVM host VM"
+    return ("the dirty-limit comparison is its own scenario, not a point of this study: "
+            "nestvirt run dirty-limit (here: --in-hostvm)")
 
 
 def plan_study(opts: StudyOptions) -> Plan:

@@ -344,11 +344,12 @@ def host_support(
     if accel != "kvm":
         if vmx_only and l1_nested != "vmx":
             return (f"{vmx_only[0]} needs KVM with VMX: this host runs {accel.upper()} "
-                    f"(l1 nesting is {l1_nested or 'none'})")
+                    f"(l1 nesting is {l1_nested or 'none'}); Intel hardware only (TCG offers no "
+                    "VMX, so the KVM host VM cannot run it either)")
         return TCG_SKIP_REASON
     if vmx_only and l1_nested != "vmx":
         return (f"{vmx_only[0]} needs KVM with VMX: L1 nesting on this host is "
-                f"{l1_nested or 'none'}")
+                f"{l1_nested or 'none'}; Intel hardware only")
     unknown = sorted(profile.names - qemu_hv_props)
     if unknown:
         rest = f" (nor {', '.join(unknown[1:])})" if unknown[1:] else ""

@@ -49,6 +49,28 @@ def inner_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def variant_count(args: Sequence[str]) -> int:
+    """About how many variants the inner run has (for its deadline): scenarios named (the
+    smoke suite's 11 when none) x compression modes (5 when not named) x --repeat."""
+    names, i, opts = 0, 0, {}
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            k, eq, v = a.partition("=")
+            if not eq and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                v, i = args[i + 1], i + 1
+            opts[k] = v
+        else:
+            names += 1
+        i += 1
+    modes = 1 if "--compression" in opts else 5
+    try:
+        repeat = max(1, int(opts.get("--repeat", "1") or 1))
+    except ValueError:
+        repeat = 1
+    return (names * modes if names else 11) * repeat
+
+
 def inner_path(path: str, local: Path) -> str:
     """A path the inner run wrote (under INNER_OUT) as it lies on the host after read-back."""
     return re.sub(rf"^{re.escape(INNER_OUT)}", str(local), path) if path else path
@@ -99,8 +121,7 @@ def run_in_hostvm(prepared: Prepared, args: Sequence[str], out: Path, *,
     workdir = out / "hostvm"
     local = workdir / "inner"
     shutil.rmtree(local, ignore_errors=True)
-    n = max(1, sum(1 for a in args if not a.startswith("-")))  # scenarios named (0: smoke)
-    bound = deadline_s or BOOT_BOUND_S + VARIANT_BOUND_S * (n if n > 1 else 8)
+    bound = deadline_s or BOOT_BOUND_S + VARIANT_BOUND_S * variant_count(args)
     job = render_job(["run", "--accel", "kvm", "--out", INNER_OUT, *args],
                      mtimes=prepared.mtimes)
     outcome = run_job(prepared.spec, {"job.sh": job}, workdir, deadline_s=bound,

@@ -108,7 +108,8 @@ def nested_state_reason(spec: ScenarioSpec, host: HostFacts) -> str | None:
     if host.accel != "kvm":
         return (f"needs KVM nested state (KVM_CAP_NESTED_STATE) to carry L1's vCPU in guest mode; "
                 f"under {host.accel} QEMU has none and the destination refuses such a vCPU "
-                "(target/i386/machine.c): runs where KVM is (see the KVM host VM)")
+                "(target/i386/machine.c): runs in the KVM host VM (nestvirt run --in-hostvm, SVM) "
+                "or on a KVM host")
     if not host.kvm.caps.get("nested_state"):
         return "needs KVM_CAP_NESTED_STATE, which this host's KVM lacks"
     return None

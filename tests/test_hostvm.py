@@ -86,7 +86,7 @@ def test_a_host_vm_killed_mid_run_is_a_verdict_with_its_last_words(tmp_path: Pat
 
 
 # The KVM paths, in one host VM boot. Each inner variant is one real migration under KVM.
-KVM_SCENARIOS = ("migrate-nested-guest-mode", "migrate-bare", "dirty-limit")
+KVM_SCENARIOS = ("migrate-nested-guest-mode", "migrate-bare", "dirty-ring")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_kvm_paths_run_inside_one_host_vm(kvm_run):
     assert gm["params"]["migration"]["compression"] == "multifd-zstd"
     nested = {c["name"]: c for c in gm["checks"]}["kvm-nested-state"]
     assert nested["ok"] and "destination resumed" in nested["detail"]
-    dl = by_name["dirty-limit"]
+    dl = by_name["dirty-ring"]
     checks = {c["name"]: c["ok"] for c in dl["checks"]}
     assert checks["dirty-ring-rate"] and checks["vcpu-dirty-limit"]
     assert len(dl["metrics"]["dirty_rate"]["vcpu-dirty-rate"]) == 2

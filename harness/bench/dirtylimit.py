@@ -18,14 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.core.errors import StepTimeout
+from harness.core.errors import NestvirtError, StepTimeout
 from harness.guest.l1 import L1Shell, RunKey
 from harness.scenario import checks as ck
 from harness.scenario.engine import RunContext, l1_config, launch_config
 from harness.scenario.result import ScenarioResult, execute_guarded, finish
 from harness.scenario.spec import Variant
 from harness.vm.machine import Machine
-from harness.vm.migration import migrate, summarize_stats
+from harness.vm.migration import MigrationOutcome, migrate, summarize_stats
 
 SCENARIO = "dirty-limit"
 RING_SCENARIO = "dirty-ring"  # phases 1 and 2 only (no migration): the quick KVM check
@@ -36,7 +36,9 @@ BANDWIDTH_MIB = 12  # below what l1work dirties in the host VM (~29 MB/s over 2 
 LIMIT_FLOOR_MB = 1
 CALC_S = 1
 MIGRATE_BOUND_S = 150
-POLICIES = ("auto-converge", "dirty-limit")
+# dirty-limit first: in the KVM host VM an auto-converge run has ended the source L1 (QEMU
+# exit 0, no stderr: a reset under -no-reboot), and the chain needs a live L1 to go on.
+POLICIES = ("dirty-limit", "auto-converge")
 PROGRESS = "/run/l1work.progress"
 
 
@@ -173,8 +175,14 @@ class _DirtyRun:
             mode = replace(self.v.mode, max_bandwidth_mib=BANDWIDTH_MIB)
             t_start = self._uptime(cur_sh)
             t0 = time.monotonic()
-            o = migrate(cur, dst, mode, "tcp:127.0.0.1:0", timeout=MIGRATE_BOUND_S,
-                        extra_caps=caps, stall_timeout=60)
+            try:
+                o = migrate(cur, dst, mode, "tcp:127.0.0.1:0", timeout=MIGRATE_BOUND_S,
+                            extra_caps=caps, stall_timeout=60)
+            except NestvirtError as e:  # a side died mid-migration: that is this row's result
+                who = "source" if not cur.alive() else "destination" if not dst.alive() else ""
+                story = (cur if who == "source" else dst).exit_story() if who else ""
+                o = MigrationOutcome(status=f"{who or 'qmp'}-died",
+                                     error=f"{e}" + (f"; the {who} exited: {story}" if who else ""))
             wall = time.monotonic() - t0
             row: dict[str, Any] = {"policy": policy, "status": o.status,
                                    "seconds": round(wall, 2), **summarize_stats(o.stats)}

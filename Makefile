@@ -4,7 +4,7 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup host venv qemu run test lint bench nightly clean
+.PHONY: setup host venv qemu run test lint bench bench-hostvm nightly clean
 
 setup: host venv qemu
 
@@ -39,6 +39,10 @@ lint: venv
 
 bench: setup
 	$(PY) ci/bench_migrate.py
+
+# The KVM host VM: boot to ready, one nested migration inside, ten repeated (ci/bench_hostvm.py).
+bench-hostvm: setup
+	$(PY) ci/bench_hostvm.py
 
 # The nightly matrix, as many variants at once as the host budget allows.
 nightly: setup

@@ -25,6 +25,8 @@ have make || need+=(make)
 have zstd || need+=(zstd)
 have dpkg-deb || need+=(dpkg)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+# The KVM host VM's root image is packed by mkfs.ext4 -d (no root needed).
+[ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 # TLS migration makes its certificates at run time with certtool.
 have certtool || need+=(gnutls-bin)
 # The two-host tests: network namespaces, veth, tc tbf (iproute2); unshare, setpriv (util-linux).

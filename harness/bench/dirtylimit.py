@@ -170,7 +170,8 @@ class _DirtyRun:
             caps = {"auto-converge": policy == "auto-converge",
                     "dirty-limit": policy == "dirty-limit"}
             if policy == "dirty-limit":
-                cur.qmp("migrate-set-parameters", **{"vcpu-dirty-limit": limit,
+                # Converges only when all vCPUs together dirty less than the stream sends.
+                cur.qmp("migrate-set-parameters", **{"vcpu-dirty-limit": migrate_limit(),
                                                      "x-vcpu-dirty-limit-period": 500})
             mode = replace(self.v.mode, max_bandwidth_mib=BANDWIDTH_MIB)
             t_start = self._uptime(cur_sh)
@@ -222,6 +223,11 @@ class _DirtyRun:
             sh.close()
         for m in self.machines:
             m.shutdown()
+
+
+def migrate_limit(bandwidth_mib: int = BANDWIDTH_MIB, smp: int = SMP) -> int:
+    """The per-vCPU dirty limit (MB/s) for the migration: half the stream over the vCPUs."""
+    return max(LIMIT_FLOOR_MB, bandwidth_mib // (2 * smp))
 
 
 def _round(x: float | None) -> float | None:

@@ -162,3 +162,24 @@ def test_trace_check_fails_when_guest_mode_was_not_carried_or_l2_did_not_run_on(
     outside = [_ev(100, 1.0, True), _ev(100, 1.1, False), _ev(200, 2.0, True)]
     c = evidence.nested_state_check(evidence.by_variant(outside, PIDS)["migrate-nested_none"])
     assert c.ok and "in L1" in c.detail
+
+
+def test_dirty_limit_judgements_can_fail():
+    from harness.bench import dirtylimit as dl
+
+    lines = ["10.0 0", "11.0 1048576", "12.0 3145728", "junk", "13.0 3145728"]
+    assert dl.rate_between(lines, 10.0, 12.0) == 1.5
+    assert dl.rate_between(lines, 12.5, 12.9) is None
+    ring = {"mode": "dirty-ring", "dirty-rate": 9,
+            "vcpu-dirty-rate": [{"id": 0, "dirty-rate": 5}, {"id": 1, "dirty-rate": 4}]}
+    assert dl.dirty_ring_check(ring, 2).ok
+    assert not dl.dirty_ring_check({**ring, "mode": "page-sampling"}, 2).ok
+    assert not dl.dirty_ring_check(ring, 4).ok  # one rate per vCPU or it fails
+    assert dl.vcpu_limit_check({"before": 100.0, "limited": 10.0}, ring, 3).ok
+    assert not dl.vcpu_limit_check({"before": 100.0, "limited": 90.0}, ring, 3).ok
+    assert not dl.vcpu_limit_check({"before": None, "limited": 1.0}, ring, 3).ok
+    rows = [{"policy": p, "guest_mib_s_during": 5.0} for p in dl.POLICIES]
+    assert dl.progress_check(rows).ok
+    assert not dl.progress_check(rows[:1]).ok
+    assert not dl.progress_check([{**rows[0], "guest_mib_s_during": None}, rows[1]]).ok
+    assert dl.migrate_limit(12, 2) == 3 and dl.migrate_limit(1, 2) == dl.LIMIT_FLOOR_MB

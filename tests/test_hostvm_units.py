@@ -183,3 +183,16 @@ def test_dirty_limit_judgements_can_fail():
     assert not dl.progress_check(rows[:1]).ok
     assert not dl.progress_check([{**rows[0], "guest_mib_s_during": None}, rows[1]]).ok
     assert dl.migrate_limit(12, 2) == 3 and dl.migrate_limit(1, 2) == dl.LIMIT_FLOOR_MB
+
+
+def test_old_images_are_pruned(tmp_path: Path):
+    from harness.hostvm.image import prune
+
+    for i in range(4):
+        (tmp_path / f"root-{i}.ext4").write_text("x")
+        (tmp_path / f"root-{i}.files").write_text("1 1")
+        os.utime(tmp_path / f"root-{i}.ext4", (i, i))
+    gone = prune(tmp_path, keep=2)
+    assert sorted(p.name for p in gone) == ["root-0.ext4", "root-1.ext4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root-2.ext4", "root-2.files",
+                                                           "root-3.ext4", "root-3.files"]

@@ -26,6 +26,8 @@ IMAGE_FORMAT = "hostvm-image-1"
 # Room for the filesystem's own metadata above the bytes of the files.
 SLACK = 1.15
 SLACK_MIB = 96
+# Images kept in the cache: this one and the one before (a run still booting may hold it).
+KEEP = 2
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,18 @@ def build_image(key: str, paths: Iterable[Path], timeout: float = 300) -> RootIm
             meta.write_text(f"{n} {size}\n")
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+        prune(out.parent, keep=KEEP)
         return RootImage(out, key, n, size)
+
+
+def prune(directory: Path, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` newest images (every edit of the project makes a new one)."""
+    images = sorted(directory.glob("root-*.ext4"), key=lambda p: p.stat().st_mtime, reverse=True)
+    gone = images[keep:]
+    for p in gone:
+        p.unlink(missing_ok=True)
+        p.with_suffix(".files").unlink(missing_ok=True)
+    return gone
 
 
 def stage_files(paths: Iterable[Path], stage: Path) -> tuple[int, int]:

@@ -50,8 +50,9 @@ def test_bad_input_is_refused_before_a_host_vm_boots(args, needle, tmp_path: Pat
 
 
 def test_a_cpu_without_svm_is_exit_2_and_leaves_nothing_running(tmp_path: Path):
+    # An Intel model: TCG gives it no svm (qemu64, unlike it, lists svm).
     cp = nestvirt("run", "--in-hostvm", "migrate-plain", "--compression", "none",
-                  "--hostvm-cpu", "qemu64", "--out", str(tmp_path))
+                  "--hostvm-cpu", "Skylake-Client", "--out", str(tmp_path))
     assert cp.returncode == 2, cp.stderr
     assert "no-svm" in cp.stderr and "Traceback" not in cp.stderr
     doc = json.loads((tmp_path / "results.json").read_text())
@@ -89,12 +90,26 @@ def test_a_host_vm_killed_mid_run_is_a_verdict_with_its_last_words(tmp_path: Pat
 KVM_SCENARIOS = ("migrate-nested-guest-mode", "migrate-bare", "dirty-ring")
 
 
+# The host VM's own kernel under TCG has died with this line in 2 of 5 runs with the guest-mode
+# scenario (README, findings): TCG's emulation, not nestvirt. Such a run is tried once more;
+# twice in a row is a skip carrying the line. Any other outcome is judged.
+HOST_VM_PANIC = "stack guard page was hit"
+
+
 @pytest.fixture(scope="module")
 def kvm_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    out = tmp_path_factory.mktemp("hostvm-kvm")
-    cp = nestvirt("run", "--in-hostvm", *KVM_SCENARIOS, "--compression", "multifd-zstd",
-                  "--out", str(out), timeout=900)
-    return cp, out
+    reason = ""
+    for attempt in range(2):
+        out = tmp_path_factory.mktemp(f"hostvm-kvm{attempt}")
+        cp = nestvirt("run", "--in-hostvm", *KVM_SCENARIOS, "--compression", "multifd-zstd",
+                      "--out", str(out), timeout=900)
+        doc = json.loads((out / "results.json").read_text())
+        first = doc["scenarios"][0] if doc["scenarios"] else {}
+        reason = first.get("reason", "")
+        if not (first.get("id") == "hostvm" and HOST_VM_PANIC in reason):
+            return cp, out
+        assert not our_qemus(str(out))  # the dead host VM was reaped
+    pytest.skip(f"the host VM's kernel died twice under TCG: {reason[:300]}")
 
 
 def test_kvm_paths_run_inside_one_host_vm(kvm_run):

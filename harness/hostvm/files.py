@@ -31,8 +31,9 @@ REPO_FILES = ("pyproject.toml",)
 ETC = ("/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/ld.so.cache",
        "/etc/localtime")
 # coreutils' touch: busybox's cannot set nanoseconds (job.py puts the host's mtimes back).
+# /bin/sh and cat: QEMU's exec: migration (the L1 snapshot's save and load) runs them.
 HOST_TOOLS = ("/bin/busybox", "/usr/sbin/dropbear", "/usr/bin/env", "/usr/bin/cpio",
-              "/usr/bin/touch")
+              "/usr/bin/touch", "/bin/sh", "/usr/bin/dash", "/usr/bin/cat")
 ELF = b"\x7fELF"
 
 

@@ -18,18 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 def qemus_of(pid: int, out: Path) -> list[int]:
     """Live QEMUs of that CLI: its probe's (the socket dir names its pid) or its run's."""
     needles = (f"nestvirt-probe-{pid}-".encode(), str(out).encode())
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(n in a for a in argv for n in needles) \
-                and proc.pid_alive(int(d.name)):
-            found.append(int(d.name))
-    return found
+    return [q for q, argv in proc.qemu_processes()
+            if any(n in a for a in argv for n in needles) and proc.pid_alive(q)]
 
 
 def bad(tmp_path: Path, *args: str, env: dict[str, str] | None = None,

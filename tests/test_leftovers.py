@@ -125,17 +125,10 @@ def test_the_janitor_sweeps_only_roots_of_dead_owners(tmp_path: Path):
 def qemus_naming(path: Path) -> list[tuple[int, str]]:
     """(pid, state) of live QEMU processes whose command line names ``path``."""
     found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(str(path).encode() in a for a in argv):
-            state = proc.pid_state(int(d.name))
-            if state not in ("Z", "X", "gone"):
-                found.append((int(d.name), state))
+    for pid, argv in proc.qemu_processes():
+        state = proc.pid_state(pid)
+        if any(str(path).encode() in a for a in argv) and state not in ("Z", "X", "gone"):
+            found.append((pid, state))
     return found
 
 

@@ -241,6 +241,19 @@ def pid_state(pid: int) -> str:
     return "gone"
 
 
+def qemu_processes() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every QEMU process on the host, zombies included (ask pid_state)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in Path(argv[0].decode(errors="replace")).name.encode():
+            yield int(d.name), argv
+
+
 def pid_alive(pid: int) -> bool:
     return pid_state(pid) not in ("Z", "X", "gone")
 

@@ -468,19 +468,12 @@ def _stop_all(running: list[_Running], budget: HostBudget) -> None:
 def kill_qemus_under(out: Path) -> int:
     """SIGKILL QEMU processes whose command line names ``out``; the last resort after a
     worker was killed before it could reap them. Returns how many were found."""
-    needle = str(out.resolve())
+    needle = str(out.resolve()).encode()
     found = 0
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu" in Path(argv[0].decode(errors="replace")).name.encode() and any(
-                needle.encode() in a for a in argv):
+    for pid, argv in proc.qemu_processes():
+        if any(needle in a for a in argv):
             try:
-                os.kill(int(d.name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
                 found += 1
             except ProcessLookupError:
                 pass

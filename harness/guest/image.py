@@ -207,15 +207,7 @@ def _build_l1(kernel: Kernel, tools: GuestTools, timeout: float) -> L1Image:
     (stage / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (stage / "etc/group").write_text("root:x:0:\n")
     (stage / "etc/shells").write_text("/bin/sh\n")
-    init = stage / "init"
-    init.write_text(render_init(order))
-    init.chmod(init.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    files = "\n".join(str(p.relative_to(stage)) for p in sorted(stage.rglob("*"))) + "\n"
-    tmp = out.with_suffix(".tmp")
-    # Uncompressed on purpose: decompression in an emulated L1 costs more than the bytes.
-    proc.run(["cpio", "-o", "-H", "newc", "--quiet"], timeout, cwd=stage, input=files,
-             stdout_path=tmp)
-    tmp.rename(out)
+    pack_initramfs(stage, render_init(order), out, timeout)
     shutil.rmtree(stage, ignore_errors=True)
     return L1Image(kernel, out, key, tools, tuple(order))
 
@@ -268,3 +260,17 @@ def with_overlay(image: L1Image, key: str, populate: Callable[[Path], None],
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
     return replace(image, initramfs=out, key=combined)
+
+
+def pack_initramfs(stage: Path, init_text: str, out: Path, timeout: float) -> None:
+    """Write ``init_text`` as the stage's executable /init and pack the stage as a newc cpio
+    at ``out`` (under a temporary name first, so a reader never sees half of it)."""
+    init = stage / "init"
+    init.write_text(init_text)
+    init.chmod(init.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    files = "\n".join(str(p.relative_to(stage)) for p in sorted(stage.rglob("*"))) + "\n"
+    tmp = out.with_suffix(".tmp")
+    # Uncompressed on purpose: decompression in an emulated guest costs more than the bytes.
+    proc.run(["cpio", "-o", "-H", "newc", "--quiet"], timeout, cwd=stage, input=files,
+             stdout_path=tmp)
+    tmp.rename(out)

@@ -4,16 +4,20 @@ and the init that mounts the root image and runs the job (templates/hostvm-init.
 from __future__ import annotations
 
 import shutil
-import stat
 from pathlib import Path
 
 import jinja2
 
-from harness.core import proc
 from harness.core.cache import cache_root, content_key, file_digest, locked
 from harness.core.errors import SetupError
 from harness.core.paths import TEMPLATES
-from harness.guest.image import BUSYBOX, module_index, module_load_order, read_module
+from harness.guest.image import (
+    BUSYBOX,
+    module_index,
+    module_load_order,
+    pack_initramfs,
+    read_module,
+)
 from harness.guest.kernel import Kernel
 
 # The disks (virtio-blk over PCI), the overlay root, and KVM for AMD with nesting.
@@ -55,14 +59,7 @@ def build_initramfs(kernel: Kernel, timeout: float = 120) -> Path:
             shutil.copy2(BUSYBOX, stage / "bin/busybox")
             for m in order:
                 (stage / "lib/modules" / f"{m}.ko").write_bytes(read_module(index[m]))
-            init = stage / "init"
-            init.write_text(render_init(order))
-            init.chmod(init.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-            files = "\n".join(str(p.relative_to(stage)) for p in sorted(stage.rglob("*"))) + "\n"
-            tmp = out.with_suffix(".tmp")
-            proc.run(["cpio", "-o", "-H", "newc", "--quiet"], timeout, cwd=stage, input=files,
-                     stdout_path=tmp)
-            tmp.rename(out)
+            pack_initramfs(stage, render_init(order), out, timeout)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return out

@@ -186,8 +186,9 @@ def test_sampler_measures_a_thread_whose_cpu_use_is_known():
         threads = {t.name: t for t in s.window("src", t0, t1)}
         spin, idle = threads["multifdsend_0"], threads["multifdsend_1"]
         assert spin.kind == idle.kind == "mig-send"
-        # The thread's last interval may be lost when it exits between two samples: 20 ms.
-        assert spent - 0.03 <= spin.cpu_s <= spent + 0.005, (spin, spent)
+        # The thread's last interval may be lost when it exits between two samples: 20 ms at
+        # the set interval, more when a loaded host runs the sampler late (seen: 43 ms).
+        assert spent - 0.08 <= spin.cpu_s <= spent + 0.005, (spin, spent)
         assert idle.cpu_s < 0.01
         assert by_kind(list(threads.values()))["mig-send"]["n"] == 2
         assert s.own_cpu_s > 0 and s.rounds >= 2

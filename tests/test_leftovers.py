@@ -228,7 +228,9 @@ def test_signals_held_back_act_after_the_block_and_children_get_a_clean_mask():
         signal.signal(signal.SIGTERM, old)
 
 
-def test_an_interrupt_a_library_turned_into_its_own_error_is_still_a_stop(monkeypatch, tmp_path):
+@pytest.mark.parametrize("turned_into", [RuntimeError, TimeoutError])
+def test_an_interrupt_a_library_turned_into_its_own_error_is_still_a_stop(monkeypatch, tmp_path,
+                                                                         turned_into):
     # qemu.qmp's connect turns a KeyboardInterrupt into ConnectError: once the stop was
     # asked for, that is the stop (teardown done), never an "internal error" result.
     from harness.scenario.result import ScenarioResult, execute_guarded
@@ -237,7 +239,7 @@ def test_an_interrupt_a_library_turned_into_its_own_error_is_still_a_stop(monkey
         torn = False
 
         def execute(self) -> None:
-            raise RuntimeError("Failed to establish session: [Errno 104] Connection reset")
+            raise turned_into("Failed to establish session: [Errno 104] Connection reset")
 
         def teardown(self) -> None:
             Steps.torn = True
@@ -245,7 +247,7 @@ def test_an_interrupt_a_library_turned_into_its_own_error_is_still_a_stop(monkey
     monkeypatch.setattr(proc, "_INTERRUPTED", threading.Event())
     res = ScenarioResult(id="x", scenario="x")
     execute_guarded(Steps(), res, tmp_path)  # no stop asked: an engine bug, kept as a result
-    assert res.verdict == "error" and "RuntimeError" in res.reason
+    assert res.verdict == "error" and turned_into.__name__ in res.reason
     proc.note_interrupt()
     res = ScenarioResult(id="x", scenario="x")
     Steps.torn = False

@@ -13,6 +13,7 @@ its caller is.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import queue
 import signal
@@ -196,6 +197,11 @@ def note_interrupt() -> None:
     turn the KeyboardInterrupt into an error of its own (qemu.qmp's connect raises
     ConnectError); whoever catches errors asks interrupted() before calling it a result."""
     _INTERRUPTED.set()
+    # The tasks the stop abandoned inside qemu.qmp's event loop are reported by asyncio when
+    # collected ("Task exception was never retrieved", with a traceback): consequences of the
+    # stop, not news, and they must not reach the terminal.
+    for name in ("asyncio", "qemu.qmp"):
+        logging.getLogger(name).disabled = True
 
 
 def interrupted() -> bool:

@@ -76,18 +76,18 @@ def execute_guarded(run: Steps, res: ScenarioResult, workdir: Path) -> None:
     t0 = time.monotonic()
     try:
         run.execute()
-    except NestvirtError as e:
-        res.verdict, res.reason = "error", str(e)
-    except OSError as e:
-        if e.errno not in DISK_ERRNOS:
-            _internal_error(res, workdir, e)
-        else:  # the results disk, not the engine: say which write it refused
-            res.verdict, res.reason = "error", f"out of disk: {failed_write(e)}"
     except Exception as e:  # noqa: BLE001 - an engine bug must still leave a result behind
         if proc.interrupted():
-            # Ctrl-C that a library turned into its own error: a stop, not an engine bug.
+            # Ctrl-C that a library turned into its own error (qemu.qmp: ConnectError, or
+            # asyncio's TimeoutError, an OSError): a stop, not a result.
             raise KeyboardInterrupt from e
-        _internal_error(res, workdir, e)
+        if isinstance(e, NestvirtError):
+            res.verdict, res.reason = "error", str(e)
+        elif isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            # the results disk, not the engine: say which write it refused
+            res.verdict, res.reason = "error", f"out of disk: {failed_write(e)}"
+        else:
+            _internal_error(res, workdir, e)
     finally:
         run.teardown()
         res.durations["total"] = round(time.monotonic() - t0, 3)

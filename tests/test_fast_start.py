@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.core.cache import file_digest
 from harness.core.errors import NestvirtError, StepTimeout
 from harness.guest.image import build_tools
 from harness.guest.l1 import HostKey, L1Shell, RunKey
@@ -68,7 +69,7 @@ def test_key_changes_with_everything_that_shapes_l1(tmp_path: Path):
 def _write_image(d: Path, key: str, stream: bytes, **over) -> snapshot.SnapshotImage:
     d.mkdir(parents=True, exist_ok=True)
     (d / snapshot.STREAM).write_bytes(stream)
-    img = snapshot.SnapshotImage(key=key, dir=d, sha256=snapshot._sha256(d / snapshot.STREAM),
+    img = snapshot.SnapshotImage(key=key, dir=d, sha256=file_digest(d / snapshot.STREAM),
                                  size=len(stream))
     img = replace(img, **over)
     (d / snapshot.META).write_text(json.dumps(img.to_json()))

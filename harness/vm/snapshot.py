@@ -17,7 +17,6 @@ Knows nothing of what runs in the machine: the caller brings it to the state wor
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shlex
@@ -29,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from harness.core.cache import cache_root, content_key, locked
+from harness.core.cache import cache_root, content_key, file_digest, locked
 from harness.core.errors import NestvirtError, StepTimeout
 from harness.core.paths import TEMPLATES
 from harness.vm.machine import Machine, MachineConfig, QmpCommandError
@@ -240,7 +239,7 @@ def _build(cfg: MachineConfig, qemu_version: str, recipe: str, key: str, d: Path
         m.shutdown()
     with open(stream, "rb") as f:
         os.fsync(f.fileno())
-    img = SnapshotImage(key=key, dir=d, sha256=_sha256(stream), size=stream.stat().st_size,
+    img = SnapshotImage(key=key, dir=d, sha256=file_digest(stream), size=stream.stat().st_size,
                         qemu_version=qemu_version, created=time.time(),
                         save_seconds=round(save_s, 3), ready=dict(ready),
                         inputs=key_inputs(cfg, qemu_version, recipe))
@@ -264,7 +263,7 @@ def _digest_once(path: Path) -> str:
     ident = _identity(path)
     if ident not in _VERIFIED:
         _VERIFIED.clear()  # one image a process restores at a time is the common case
-        _VERIFIED[ident] = _sha256(path)
+        _VERIFIED[ident] = file_digest(path)
     return _VERIFIED[ident]
 
 
@@ -329,11 +328,3 @@ def _save_command(path: Path) -> str:
 
 def _load_command(path: Path) -> str:
     return f"cat {shlex.quote(str(path))}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

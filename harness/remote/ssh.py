@@ -237,8 +237,12 @@ class RemoteHost:
         """
         conn = RemoteHost(self.spec).connect(timeout)
         chan = conn._session(timeout)
-        line = ("echo $$; exec setpriv --pdeathsig KILL -- " + shlex.join(argv)
-                + " 2>" + shlex.quote(stderr_path))
+        # The pid is echoed only after setpriv has armed the signal: were it echoed before, a
+        # caller could close the connection while the server still lived but before the
+        # prctl, and the process would outlive it (seen on a loaded CI host).
+        armed = 'echo $$; f=$1; shift; exec "$@" 2>"$f"'
+        line = "exec setpriv --pdeathsig KILL -- " + shlex.join(
+            ["sh", "-c", armed, "sh", stderr_path, *argv])
         try:
             chan.exec_command(line)
             pid, rest = _read_line(chan, time.monotonic() + timeout)

@@ -178,3 +178,50 @@ def test_a_module_whose_dependency_is_missing_is_named(tmp_path: Path):
         module_load_order(tree)
     (tree / "kernel" / "arch" / "irqbypass.ko").write_bytes(b"\0depends=\0")
     assert module_load_order(tree) == ["irqbypass", "kvm", "kvm_amd"]
+
+
+@pytest.mark.parametrize("args,said", [
+    (["vmexit", "--repeat", "0"], "--repeat 0: need at least 1"),
+    (["vmexit", "--profile", "nope"], "unknown enlightenment profile 'nope'"),
+    (["bench", "compression", "--repeat", "0"], "--repeat and --threads must be at least 1"),
+    (["bench", "compression", "--threads", "x"], "not a comma-separated list of integers: x"),
+    (["hostvm", "boot", "--hostvm-mem", "10"], "--hostvm-mem 10: the host VM needs at least"),
+    (["selftest", "--on", "mars"], "invalid choice: 'mars'"),
+])
+def test_other_commands_refuse_bad_options_the_same_way(tmp_path: Path, args: list[str],
+                                                        said: str):
+    assert said in bad(tmp_path, *args)
+
+
+@pytest.mark.parametrize("args,said", [
+    (["report", "/nonexistent/results.json"], "not a nestvirt results.json"),
+    (["matrix", "/etc/hostname"], "expected a mapping at the top"),
+    (["qemu", "list", "--qemu", "/nonexistent/qemu"], "--qemu /nonexistent/qemu: no such file"),
+    (["doctor", "--qemu", "/bin/true"], "not a QEMU"),
+])
+def test_commands_without_out_refuse_bad_input_the_same_way(tmp_path: Path, args: list[str],
+                                                            said: str):
+    p = subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("nestvirt: error: ") and said in lines[0], p.stderr
+
+
+def test_a_disk_error_outside_plain_run_is_one_line(monkeypatch, capsys):
+    import errno
+
+    from harness.runners import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/full/out/results.json")
+
+    monkeypatch.setattr(cli, "cmd_report", full)
+    assert cli.main(["report", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["nestvirt: error: out of disk: writing /full/out/results.json failed: "
+                   "No space left on device"]
+    # Any other OSError is a bug and keeps its traceback.
+    monkeypatch.setattr(cli, "cmd_report", lambda a: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(OSError):
+        cli.main(["report", "x"])

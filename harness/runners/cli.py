@@ -206,6 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, SetupError) as e:
         print(f"nestvirt: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        from harness.scenario.result import DISK_ERRNOS, failed_write
+
+        if e.errno not in DISK_ERRNOS:
+            raise
+        # A results disk that filled or went read-only under a command that does not handle
+        # it itself (plain `run` does, per scenario): one line, and what was written stays.
+        print(f"nestvirt: error: out of disk: {failed_write(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("nestvirt: interrupted", file=sys.stderr)
         return 130

@@ -90,29 +90,86 @@ def test_a_host_vm_killed_mid_run_is_a_verdict_with_its_last_words(tmp_path: Pat
 KVM_SCENARIOS = ("migrate-nested-guest-mode", "migrate-bare", "dirty-ring")
 
 
-# The host VM's own kernel under TCG has died with this line in 2 of 5 runs with the guest-mode
-# scenario (README, findings): TCG's emulation, not nestvirt. Such a run is tried once more;
-# twice in a row is a skip carrying the line. Any other outcome is judged.
+# Two failure shapes of TCG's nested SVM emulation under this host VM's KVM, each recorded with
+# its console and results (README, "KVM host VM", findings), and not nestvirt's doing:
+# - the host VM's own kernel dies in a KVM vCPU thread with a recursive page fault
+#   ("TASK stack guard page was hit", exc_page_fault faulting on its own %gs access while the
+#   inner L1's FS/GS are loaded): ~2 in 5 runs;
+# - an inner L1 resets on its own (its QEMU exits 0 under -no-reboot with nothing on stderr
+#   and nothing bad on its console; QMP, where it was connected, said SHUTDOWN guest-reset).
+# A run with one of them is tried once more; twice in a row is a skip carrying both. Any other
+# outcome, a new shape included, is judged.
 HOST_VM_PANIC = "stack guard page was hit"
+L1_RESET = "status 0, no stderr (L1 powered off, or reset under -no-reboot)"
+
+
+def l1_reset_seen(s: dict, out: Path) -> bool:
+    """The scenario failed because an inner L1 reset silently: the exit story, verbatim, with
+    no L1 console words after it, and no QMP SHUTDOWN other than a guest reset."""
+    words = [s.get("reason") or ""] + [c.get("detail", "") for c in s.get("checks", [])
+                                       if not c["ok"]]
+    if not any(L1_RESET in w and f"{L1_RESET}; L1 console" not in w for w in words):
+        return False
+    art = Path(s.get("artifacts", {}).get("dir", "") or out)
+    for log in art.glob("*-qmp.jsonl"):
+        for line in log.read_text(errors="replace").splitlines():
+            msg = json.loads(line).get("msg", {}) if line.strip() else {}
+            if msg.get("event") == "SHUTDOWN" and msg.get("data", {}).get("reason") != \
+                    "guest-reset":
+                return False
+    return True
+
+
+def tcg_fault(doc: dict, out: Path) -> str:
+    """Which recorded TCG shape this run hit ('' for none): the host VM panic or an L1 reset."""
+    first = doc["scenarios"][0] if doc["scenarios"] else {}
+    console = "".join(f.read_text(errors="replace") for f in out.glob("**/hostvm-console.log"))
+    # The reason carries the panic's last lines; the BUG line that names it sits higher up.
+    if first.get("id") == "hostvm" and HOST_VM_PANIC in console:
+        return f"host VM panic: {first.get('reason', '')[:200]}"
+    reset = [s["id"] for s in doc["scenarios"] if s["verdict"] != "pass" and l1_reset_seen(s, out)]
+    return f"inner L1 reset in {', '.join(reset)}" if reset else ""
 
 
 @pytest.fixture(scope="module")
 def kvm_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    reason = ""
+    seen = []
     for attempt in range(2):
         out = tmp_path_factory.mktemp(f"hostvm-kvm{attempt}")
         cp = nestvirt("run", "--in-hostvm", *KVM_SCENARIOS, "--compression", "multifd-zstd",
                       "--out", str(out), timeout=900)
         doc = json.loads((out / "results.json").read_text())
-        first = doc["scenarios"][0] if doc["scenarios"] else {}
-        reason = first.get("reason", "")
-        # The reason carries the panic's last lines; the BUG line that names it sits higher up
-        # in the host VM's console.
-        console = "".join(f.read_text(errors="replace") for f in out.glob("**/hostvm-console.log"))
-        if not (first.get("id") == "hostvm" and HOST_VM_PANIC in console):
+        fault = tcg_fault(doc, out)
+        if not fault:
             return cp, out
-        assert not our_qemus(str(out))  # the dead host VM was reaped
-    pytest.skip(f"the host VM's kernel died twice under TCG: {reason[:300]}")
+        seen.append(fault)
+        assert not our_qemus(str(out))  # the dead host VM or L1 was reaped
+    pytest.skip(f"TCG's nested SVM failed twice in a recorded shape: {' / '.join(seen)}")
+
+
+def test_the_tcg_fault_shapes_are_recognised_precisely(tmp_path: Path):
+    """The fixture's excuse must not grow into 'anything': only the two recorded shapes."""
+    def scen(reason: str, qmp: str = "") -> dict:
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        if qmp:
+            (d / "src-qmp.jsonl").write_text(json.dumps({"msg": {"event": "SHUTDOWN", "data": {
+                "guest": True, "reason": qmp}}}) + "\n")
+        return {"id": "dirty-ring/x", "scenario": "dirty-ring", "verdict": "error",
+                "reason": reason, "checks": [], "artifacts": {"dir": str(d)}}
+    story = f"src QEMU exited: {L1_RESET}"
+    assert tcg_fault({"scenarios": [scen(story, "guest-reset")]}, tmp_path)
+    assert tcg_fault({"scenarios": [scen(story)]}, tmp_path)
+    assert not tcg_fault({"scenarios": [scen(story, "guest-shutdown")]}, tmp_path)
+    assert not tcg_fault({"scenarios": [scen(f"{story}; L1 console: Kernel panic - x")]},
+                         tmp_path)
+    assert not tcg_fault({"scenarios": [scen("src QEMU exited: killed by signal 8 (SIGFPE)")]},
+                         tmp_path)
+    assert not tcg_fault({"scenarios": [{**scen(story), "verdict": "pass"}]}, tmp_path)
+    (tmp_path / "hostvm-console.log").write_text("BUG: TASK stack guard page was hit at 0\n")
+    assert tcg_fault({"scenarios": [{"id": "hostvm", "verdict": "error", "reason": "x"}]}, tmp_path)
+    (tmp_path / "hostvm-console.log").write_text("BUG: kernel NULL pointer dereference\n")
+    assert not tcg_fault({"scenarios": [{"id": "hostvm", "verdict": "error", "reason": "x"}]}, tmp_path)
 
 
 def test_kvm_paths_run_inside_one_host_vm(kvm_run):

@@ -23,6 +23,7 @@ from harness.hostvm.vm import (
     check_spec,
     make_exchange,
     parse_event,
+    qemu_argv,
     read_results,
 )
 
@@ -62,7 +63,7 @@ def test_staging_keeps_host_paths_through_symlinked_dirs(tmp_path: Path):
 def test_init_loads_kvm_amd_with_nesting_and_reads_only_the_job_blocks():
     text = render_init(["irqbypass", "kvm", "kvm_amd", "virtio_blk"], beat_s=3)
     assert "for m in irqbypass kvm kvm_amd virtio_blk; do" in text
-    assert 'args="nested=1"' in text and "sleep 3" in text
+    assert 'args="nested=1 $(sed' in text and "nestvirt.kvm_amd=" in text and "sleep 3" in text
     assert "nestvirt.job_blocks" in text and "count=${blocks:-0}" in text
     assert "fail no-svm" in text and "poweroff -f" in text
 
@@ -106,6 +107,18 @@ def test_bad_host_vm_shapes_are_refused(tmp_path: Path):
         check_spec(_spec(tmp_path, mem_mib=MIN_MEM_MIB - 1))
     with pytest.raises(UsageError, match="SVM is turned off"):
         check_spec(_spec(tmp_path, cpu="max,-svm"))
+    with pytest.raises(UsageError, match="one of single, multi"):
+        check_spec(_spec(tmp_path, tcg_thread="many"))
+
+
+def test_tcg_threading_and_npt_reach_the_outer_qemu(tmp_path: Path):
+    argv = qemu_argv(_spec(tmp_path), tmp_path, tmp_path / "x", 1)
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
+    assert "nestvirt.kvm_amd" not in argv[argv.index("-append") + 1]
+    argv = qemu_argv(_spec(tmp_path, tcg_thread="single", npt=False), tmp_path, tmp_path / "x", 1)
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
+    assert argv[argv.index("-append") + 1].endswith(" nestvirt.kvm_amd=npt=0")
+    assert _spec(tmp_path, npt=False).to_json()["npt"] is False
 
 
 def test_exchange_round_trip_and_escapes_refused(tmp_path: Path):

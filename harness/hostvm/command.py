@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from harness.core.errors import UsageError
-from harness.hostvm.vm import DEFAULT_MEM_MIB, DEFAULT_SMP
+from harness.hostvm.vm import DEFAULT_MEM_MIB, DEFAULT_SMP, DEFAULT_TCG_THREAD, TCG_THREADS
 
 
 def add_hostvm_options(p: argparse.ArgumentParser) -> None:
@@ -20,6 +20,10 @@ def add_hostvm_options(p: argparse.ArgumentParser) -> None:
                    help=f"host VM vCPUs (default {DEFAULT_SMP})")
     p.add_argument("--hostvm-cpu", default="max", metavar="MODEL",
                    help="host VM -cpu under TCG (default max: nested SVM with NPT)")
+    p.add_argument("--hostvm-tcg-thread", default=DEFAULT_TCG_THREAD, choices=TCG_THREADS,
+                   help=f"TCG vCPU threading of the host VM (default {DEFAULT_TCG_THREAD})")
+    p.add_argument("--hostvm-npt", choices=("on", "off"), default="on",
+                   help="the host VM's KVM on TCG's nested paging (on) or shadow paging (off)")
     p.add_argument("--hostvm-qemu", metavar="NAME|PATH",
                    help="the outer QEMU (default: the inventory's newest)")
     p.add_argument("--hostvm-deadline", type=float, metavar="S",
@@ -45,7 +49,8 @@ def prepare_from(args: argparse.Namespace, build: bool = True):
 
     return prepare(kernel=getattr(args, "kernel", None), modules=getattr(args, "modules", None),
                    qemu=args.hostvm_qemu, mem_mib=args.hostvm_mem, smp=args.hostvm_smp,
-                   cpu=args.hostvm_cpu, build=build)
+                   cpu=args.hostvm_cpu, tcg_thread=args.hostvm_tcg_thread, npt=args.hostvm_npt == "on",
+                   build=build)
 
 
 def cmd_hostvm(args: argparse.Namespace) -> int:

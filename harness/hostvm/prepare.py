@@ -17,7 +17,7 @@ from harness.guest.kernel import Kernel, find_kernel
 from harness.hostvm import files
 from harness.hostvm.image import build_image, image_path, selection_key
 from harness.hostvm.initramfs import build_initramfs
-from harness.hostvm.vm import DEFAULT_MEM_MIB, DEFAULT_SMP, HostVmSpec, check_spec
+from harness.hostvm.vm import DEFAULT_MEM_MIB, DEFAULT_SMP, DEFAULT_TCG_THREAD, HostVmSpec, check_spec
 from harness.qemu.inventory import SYSTEM_MODULE_DIR, Inventory, load_inventory, newest, select
 
 
@@ -63,7 +63,7 @@ def image_trees(inv: Inventory, l1: L1Image) -> list[Path]:
 
 def prepare(*, kernel: str | None = None, modules: str | None = None, qemu: str | None = None,
             mem_mib: int = DEFAULT_MEM_MIB, smp: int = DEFAULT_SMP, cpu: str = "max",
-            build: bool = True) -> Prepared:
+            tcg_thread: str = DEFAULT_TCG_THREAD, npt: bool = True, build: bool = True) -> Prepared:
     """Everything a host VM boot needs, built or reused. ``build=False`` builds nothing and
     raises SetupError when the image is missing (``hostvm status``)."""
     t0 = time.monotonic()
@@ -97,6 +97,6 @@ def prepare(*, kernel: str | None = None, modules: str | None = None, qemu: str 
     initrd = build_initramfs(k)
     spec = HostVmSpec(qemu=q.binary, qemu_version=q.version, module_dir=q.module_dir,
                       firmware_dirs=q.firmware_dirs, kernel=k, initramfs=initrd, image=image,
-                      mem_mib=mem_mib, smp=smp, cpu=cpu)
+                      mem_mib=mem_mib, smp=smp, cpu=cpu, tcg_thread=tcg_thread, npt=npt)
     check_spec(spec)
     return Prepared(spec, l1, seconds, built, keyed_mtimes(inv))

@@ -24,7 +24,7 @@ from harness.scenario.suite import SCENARIOS
 # Options of `run` that belong to the outer run (never passed inside).
 OUTER_FLAGS = ("--in-hostvm",)
 OUTER_VALUED = ("--out", "--hostvm-mem", "--hostvm-smp", "--hostvm-cpu", "--hostvm-qemu",
-                "--hostvm-deadline", "--accel")
+                "--hostvm-tcg-thread", "--hostvm-npt", "--hostvm-deadline", "--accel")
 # What one variant may take inside at most, and the host VM's own start: the run's deadline.
 VARIANT_BOUND_S = 240
 BOOT_BOUND_S = 90

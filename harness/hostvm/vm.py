@@ -28,6 +28,10 @@ FATAL_LINE = re.compile(r"Kernel panic|BUG:|Oops|general protection fault|Out of
 MIN_MEM_MIB = 2048
 DEFAULT_MEM_MIB = 3072
 DEFAULT_SMP = 2
+# TCG's vCPU threading for the host VM: "single" (one thread runs all vCPUs in turn) or
+# "multi" (MTTCG, QEMU's default on x86: one thread per vCPU).
+TCG_THREADS = ("single", "multi")
+DEFAULT_TCG_THREAD = "multi"
 EXCHANGE_MIB = 512
 
 
@@ -45,11 +49,14 @@ class HostVmSpec:
     mem_mib: int = DEFAULT_MEM_MIB
     smp: int = DEFAULT_SMP
     cpu: str = "max"
+    tcg_thread: str = DEFAULT_TCG_THREAD
+    npt: bool = True  # the host VM's KVM on TCG-emulated nested paging, or shadow paging
 
     def to_json(self) -> dict[str, Any]:
         """The host VM's identity, as results record it."""
         return {"qemu": self.qemu, "qemu_version": self.qemu_version, "accel": "tcg",
-                "cpu": self.cpu, "mem_mib": self.mem_mib, "smp": self.smp,
+                "cpu": self.cpu, "tcg_thread": self.tcg_thread, "npt": self.npt,
+                "mem_mib": self.mem_mib, "smp": self.smp,
                 "kernel": self.kernel.to_json(), "initramfs": str(self.initramfs),
                 "image": self.image.to_json()}
 
@@ -61,6 +68,8 @@ def check_spec(spec: HostVmSpec) -> None:
                          "MiB to run two inner L1s at once")
     if spec.smp < 1:
         raise UsageError(f"--hostvm-smp {spec.smp}: needs at least 1 vCPU")
+    if spec.tcg_thread not in TCG_THREADS:
+        raise UsageError(f"--hostvm-tcg-thread {spec.tcg_thread}: one of {', '.join(TCG_THREADS)}")
     if "-svm" in spec.cpu.split(",") or "svm=off" in spec.cpu.split(","):
         raise UsageError(f"--hostvm-cpu {spec.cpu}: SVM is turned off; the host VM's KVM "
                          "needs nested SVM (TCG offers no VMX)")
@@ -68,10 +77,11 @@ def check_spec(spec: HostVmSpec) -> None:
 
 def qemu_argv(spec: HostVmSpec, workdir: Path, exchange: Path, job_blocks: int) -> list[str]:
     return [spec.qemu, *firmware_args(spec.firmware_dirs), "-name", "nestvirt-hostvm",
-            "-machine", "q35,accel=tcg", "-cpu", spec.cpu, "-m", str(spec.mem_mib),
-            "-smp", str(spec.smp), "-nodefaults", "-display", "none", "-no-reboot",
+            "-machine", "q35", "-accel", f"tcg,thread={spec.tcg_thread}", "-cpu", spec.cpu,
+            "-m", str(spec.mem_mib), "-smp", str(spec.smp), "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(spec.kernel.image), "-initrd", str(spec.initramfs),
-            "-append", f"console=ttyS0 panic=-1 loglevel=4 rdinit=/init nestvirt.job_blocks={job_blocks}",
+            "-append", f"console=ttyS0 panic=-1 loglevel=4 rdinit=/init nestvirt.job_blocks={job_blocks}"
+            + ("" if spec.npt else " nestvirt.kvm_amd=npt=0"),
             "-drive", f"file={spec.image.path},if=none,id=root,format=raw,readonly=on",
             "-device", "virtio-blk-pci,drive=root",
             "-drive", f"file={exchange},if=none,id=xchg,format=raw,cache=unsafe",

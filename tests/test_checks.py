@@ -146,3 +146,19 @@ def test_retry_completed_catches_a_failed_retry():
     assert ck.retry_completed("completed", None, 1.2).ok
     bad = ck.retry_completed("failed", "Connection refused", 0.1)
     assert not bad.ok and "Connection refused" in bad.detail
+
+
+def test_vcpu_motion_tells_halted_from_spinning_from_moving():
+    def regs(rip: str, rfl: str, hlt: int) -> str:
+        return (f"CPU#0\nRAX=0 RBX=0\nRIP={rip} RFL={rfl} [---Z-P-] CPL=0 II=0 A20=1 SMM=0 "
+                f"HLT={hlt}\nCR0=80050033 CR2=0 CR3=000000000abc0000 CR4=0\nCPU#1\nRIP=dead")
+    halted = ck.vcpu_motion(regs("ffffffff81000000", "00000246", 1),
+                            regs("ffffffff81000000", "00000246", 1))
+    assert "same RIP" in halted and "HLT=1" in halted and "IF=1" in halted
+    spin = ck.vcpu_motion(regs("ffffffff81000000", "00000046", 0),
+                          regs("ffffffff81000000", "00000046", 0))
+    assert "same RIP" in spin and "HLT=0" in spin and "IF=0" in spin and "CR3=000000000abc0000" in spin
+    moving = ck.vcpu_motion(regs("ffffffff81000000", "00000246", 0),
+                            regs("ffffffff81000010", "00000246", 0))
+    assert "(moving)" in moving and "dead" not in moving  # vCPU 1's lines are not vCPU 0's
+    assert ck.vcpu_motion("", "") == "no vCPU registers"

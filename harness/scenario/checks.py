@@ -86,6 +86,31 @@ def l1_ssh_on_dst(ok: bool, detail: str) -> Check:
     return Check("l1-ssh-on-dst", ok, detail)
 
 
+def _reg(text: str, name: str) -> str | None:
+    for tok in text.replace("\n", " ").split():
+        if tok.startswith(f"{name}="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+def vcpu_motion(first: str, second: str) -> str:
+    """Where a silent L1's vCPU 0 is, from two 'info registers' dumps a moment apart: its RIP
+    then and now, whether it is halted, and its interrupt flag (IF, RFL bit 9). A vCPU halted
+    with IF=1 that never wakes lacks an interrupt; one spinning at one RIP is stuck in a
+    loop; one moving on is alive but not answering."""
+    a, b = first.split("CPU#1")[0], second.split("CPU#1")[0]
+    rip0, rip1 = _reg(a, "RIP"), _reg(b, "RIP")
+    if rip0 is None or rip1 is None:
+        return "no vCPU registers"
+    try:
+        if_flag = (int(_reg(b, "RFL") or "0", 16) >> 9) & 1
+    except ValueError:
+        if_flag = -1
+    moved = "same RIP" if rip0 == rip1 else "moving"
+    return (f"vCPU0 RIP {rip0} -> {rip1} ({moved}), HLT={_reg(b, 'HLT')}, IF={if_flag}, "
+            f"CPL={_reg(b, 'CPL')}, CR3={_reg(b, 'CR3')}")
+
+
 def pattern_verified(name: str, report: dict[str, Any] | None, what: str) -> Check:
     """A guest program's own verification report (l1work / nvmm JSON) must say ok with pages>0."""
     if report is None:

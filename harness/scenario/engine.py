@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -505,7 +506,7 @@ class _ScenarioRun:
             sh = self._shell(self.dst, timeout=20)
             add(ck.l1_ssh_on_dst(True, f"SSH answered on port {self.dst.ssh_port}"))
         except StepTimeout as e:
-            add(ck.l1_ssh_on_dst(False, str(e)))
+            add(ck.l1_ssh_on_dst(False, f"{e}; {self._stuck_vcpu()}"))
             add(ck.kernel_log_clean(self._console_new_lines()))
             return
         dmesg_after, serial, stuck = "", "", None
@@ -527,6 +528,22 @@ class _ScenarioRun:
         (self.workdir / "l1-dmesg-dst.txt").write_text(dmesg_after)
         if not stuck:
             (self.workdir / "l2-serial.log").write_text(serial)
+
+    def _stuck_vcpu(self) -> str:
+        """A destination L1 that does not answer: where its vCPU is (two register dumps a
+        second apart, kept as dst-registers-silent.txt), so the verdict says hung, halted or
+        busy rather than only 'no SSH'."""
+        assert self.dst is not None
+        if not self.dst.alive():
+            return f"dst QEMU exited: {self.dst.exit_story()}"
+        try:
+            first = self.dst.hmp("info registers", timeout=10)
+            time.sleep(1)
+            second = self.dst.hmp("info registers", timeout=10)
+        except (StepTimeout, QmpCommandError) as e:  # a dying QEMU: its words are the answer
+            return f"no register dump: {str(e)[:120]}"
+        (self.workdir / "dst-registers-silent.txt").write_text(first + "\n---\n" + second)
+        return ck.vcpu_motion(first, second)
 
     def _guest_checks(self, sh: L1Shell, l2_before: int | None) -> tuple[str, str]:
         """The checks inside L1 on the destination, in two execs of concurrent parts (a fault

@@ -73,7 +73,7 @@ def test_job_runs_this_interpreter_with_quoted_args_and_puts_mtimes_back():
                      mtimes={"/a b": 1_700_000_000_123_456_789})
     assert "'x; reboot'" in job
     assert "/usr/bin/touch -m -h -d @1700000000.123456789 '/a b'" in job
-    assert "kvm_nested_vmenter" in job and "trace_pipe" in job
+    assert "kvm_nested_vmenter" in job and "trace_pipe" in job and "echo global >" in job
     assert "trace_pipe" not in render_job(["doctor"], trace=False)
 
 
@@ -148,6 +148,7 @@ PIDS = ["100 /q/qemu-system-x86_64 -name nestvirt-src,debug-threads=on -chardev 
         "200 /q/qemu-system-x86_64 -name nestvirt-dst,debug-threads=on -chardev "
         "file,id=console,path=/results/run/migrate-nested_none/dst-console.log",
         "300 /q/qemu-system-x86_64 -machine none"]
+VDIR = "/results/run/migrate-nested_none"
 
 
 def _ev(tgid: int, ts: float, enter: bool) -> str:
@@ -158,18 +159,33 @@ def _ev(tgid: int, ts: float, enter: bool) -> str:
 def test_trace_says_the_stop_caught_guest_mode_and_l2_ran_on():
     trace = [_ev(100, 1.0, True), _ev(100, 1.1, False), _ev(100, 1.2, True),  # stop in L2
              _ev(200, 2.0, True), _ev(200, 2.1, False)]
-    s = evidence.by_variant(trace, PIDS)["migrate-nested_none"]
+    s = evidence.by_variant(trace, PIDS)[VDIR]
     assert s["src"]["ended_in_guest_mode"] and not s["dst"]["began_in_guest_mode"]
     c = evidence.nested_state_check(s)
     assert c.ok and "stopped in guest mode" in c.detail and "began with a VMRUN" in c.detail
     outside = [_ev(100, 1.0, True), _ev(100, 1.1, False), _ev(200, 2.0, True)]
-    c = evidence.nested_state_check(evidence.by_variant(outside, PIDS)["migrate-nested_none"])
+    c = evidence.nested_state_check(evidence.by_variant(outside, PIDS)[VDIR])
     assert c.ok and "in L1" in c.detail
+
+
+def test_each_repeat_gets_its_own_trace():
+    # --repeat nests RUN/<variant>_<i>/<variant>/: the same last part for every repeat. Each
+    # repeat's result must get its own QEMUs' events, not one repeat's for all.
+    pids = [f"{p} /q/qemu-system-x86_64 -name nestvirt-{role},debug-threads=on -chardev file,"
+            f"id=console,path=/results/run/migrate-nested_none_{i}/migrate-nested_none/"
+            f"{role}-console.log" for i, p, role in ((1, 100, "src"), (1, 200, "dst"),
+                                                     (2, 300, "src"), (2, 400, "dst"))]
+    trace = [_ev(100, 1.0, True), _ev(200, 2.0, False), _ev(200, 2.1, True),  # 1: guest mode
+             _ev(300, 3.0, True), _ev(300, 3.1, False), _ev(400, 4.0, True)]  # 2: in L1
+    got = evidence.by_variant(trace, pids)
+    one, two = (got[f"/results/run/migrate-nested_none_{i}/migrate-nested_none"] for i in (1, 2))
+    assert one["src"]["ended_in_guest_mode"] and one["dst"]["began_in_guest_mode"]
+    assert not two["src"]["ended_in_guest_mode"] and not two["dst"]["began_in_guest_mode"]
 
 
 def test_trace_check_fails_when_l2_did_not_run_on_or_there_is_no_trace():
     dead = [_ev(100, 1.0, True), _ev(100, 1.1, False)]
-    c = evidence.nested_state_check(evidence.by_variant(dead, PIDS)["migrate-nested_none"])
+    c = evidence.nested_state_check(evidence.by_variant(dead, PIDS)[VDIR])
     assert not c.ok and "destination none" in c.detail
     assert not evidence.nested_state_check(None).ok
     assert not evidence.nested_state_check(evidence.by_variant([], PIDS).get("x")).ok

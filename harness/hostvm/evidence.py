@@ -25,7 +25,9 @@ LEAVE = frozenset({"kvm_nested_vmexit_inject"})
 # "1500 /usr/bin/qemu-system-x86_64 ... -name nestvirt-src,debug-threads=on ...
 #  -chardev file,id=console,path=/results/run/migrate-nested_none/src-console.log ..."
 _ROLE = re.compile(r"-name nestvirt-(?P<role>src|dst)\b")
-_DIR = re.compile(r"path=\S*/(?P<dir>[^/\s]+)/(?:src|dst)-console\.log")
+# The variant's whole directory, not its last part: --repeat N nests each repeat's variant as
+# RUN/<variant>_<i>/<variant>/, so the last part alone is the same for every repeat.
+_DIR = re.compile(r"path=(?P<dir>\S+)/(?:src|dst)-console\.log")
 CHECK = "kvm-nested-state"
 
 
@@ -58,7 +60,7 @@ class VcpuTrace:
 
 
 def qemu_roles(pid_lines: Iterable[str]) -> dict[int, tuple[str, str]]:
-    """pid -> (variant dir, role) for each inner QEMU the sampler saw."""
+    """pid -> (variant dir as the inner run wrote it, role) for each inner QEMU the sampler saw."""
     roles: dict[int, tuple[str, str]] = {}
     for line in pid_lines:
         pid, _, cmd = line.strip().partition(" ")
@@ -89,7 +91,8 @@ def per_qemu(trace_lines: Iterable[str]) -> dict[int, VcpuTrace]:
 
 
 def by_variant(trace_lines: Iterable[str], pid_lines: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """variant dir -> {"src": {...}, "dst": {...}} with each side's nested event summary."""
+    """variant dir (the inner path) -> {"src": {...}, "dst": {...}}: each side's nested event
+    summary. Two QEMUs in one role for one variant (a retried variant) keep the later one."""
     roles = qemu_roles(pid_lines)
     out: dict[str, dict[str, Any]] = {}
     for pid, t in per_qemu(trace_lines).items():

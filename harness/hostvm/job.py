@@ -38,7 +38,9 @@ def render_job(inner_args: Sequence[str], *, trace: bool = True, stdout: str = "
         lines.append(f"/usr/bin/touch -m -h -d @{ns // 10**9}.{ns % 10**9:09d} {shlex.quote(path)}")
     if trace:
         t = "/sys/kernel/tracing"
-        lines += [f"echo 16384 > {t}/buffer_size_kb",
+        # One clock for all CPUs: the order of a vCPU thread's events is read across the
+        # per-CPU buffers, and TCG's per-CPU local clocks need not agree (the thread moves).
+        lines += [f"echo 16384 > {t}/buffer_size_kb", f"echo global > {t}/trace_clock",
                   f"echo 1 > {t}/options/record-tgid",
                   *(f"[ -e {t}/events/kvm/{e} ] && echo 1 > {t}/events/kvm/{e}/enable"
                     for e in TRACE_EVENTS),

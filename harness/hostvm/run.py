@@ -81,11 +81,11 @@ def merge(inner_doc: dict[str, Any], results: list[ScenarioResult], local: Path,
     """The inner results as the host's: artefact paths rewritten, the host VM recorded, the
     nested trace attached and, where the scenario is about guest mode, judged as a check."""
     for r in results:
-        d = r.artifacts.get("dir", "")
+        d = r.artifacts.get("dir", "")  # the inner path: the trace's QEMUs are keyed by it
         r.artifacts["dir"] = inner_path(d, local)
         r.metrics["hostvm"] = {"qemu_version": identity.get("qemu_version"),
                                "mem_mib": identity.get("mem_mib"), "smp": identity.get("smp")}
-        summary = trace.get(Path(d).name) if d else None
+        summary = trace.get(d.rstrip("/")) if d else None
         if summary:
             r.metrics["kvm_nested_trace"] = summary
         spec = SCENARIOS.get(r.scenario)

@@ -94,6 +94,10 @@ def test_ram_compare_finds_the_flipped_page(tmp_path: Path):
     diff = ck.compare_ram_dumps(tmp_path / "s", tmp_path / "d")
     c = ck.ram_identical(diff)
     assert not c.ok and diff.differing_pages == 1 and diff.first_differing == [hex(37 * 4096)]
+    word = 4096 * 37
+    assert diff.first_bytes == [f"{hex(word)}: src {a[word:word + 8].hex(' ')} / dst "
+                                f"{bytes(b[word:word + 8]).hex(' ')}"]
+    assert diff.first_bytes[0] in c.detail and "fa" in diff.first_bytes[0]  # 0x05 ^ 0xff
 
 
 def test_vcpu_identical():

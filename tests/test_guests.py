@@ -150,3 +150,42 @@ def test_l1work_entropy_compresses_as_said_and_every_pattern_verifies(tmp_path: 
     finally:
         p.terminate()
         p.wait(timeout=10)
+
+
+@pytest.mark.qemu
+def test_with_reset_registers_on_a_reset_l1_is_dumped_and_ends_as_before(
+        ctx: RunContext, tmp_path: Path, monkeypatch):
+    # The same panicking L1, with NESTVIRT_RESET_REGISTERS=1: its reboot (panic=-1) pauses it
+    # instead of ending QEMU; the watcher dumps its registers, then quits QEMU: exit 0 as
+    # under -no-reboot, and the story names where the vCPU was.
+    from harness.vm import resetwatch
+
+    monkeypatch.setenv(resetwatch.ENV, "1")
+    cfg = MachineConfig(name="l1", qemu=ctx.qemu, accel=ctx.accel, cpu=ctx.l1_cpu(NO_PROFILE),
+                        kernel=ctx.image.kernel.image, initrd=ctx.image.initramfs,
+                        append="console=ttyS0 panic=-1 rdinit=/nonexistent root=/dev/nonexistent")
+    m = Machine(cfg, tmp_path, free_port())
+    try:
+        m.launch(timeout=20)
+        assert "reboot=shutdown,shutdown=pause" in m.argv and "-no-reboot" not in m.argv
+        with pytest.raises(StepTimeout) as e:
+            m.wait_guest_event("ready", 120)
+    finally:
+        m.shutdown()
+    assert m.returncode == 0
+    dump = m.reset_dump.read_text()
+    assert "== info registers -a" in dump and "RIP=" in dump and "== x/12i $pc" in dump
+    assert "L1 reset itself at CPU#0 RIP=" in str(e.value), str(e.value)
+    assert "Kernel panic - not syncing" in str(e.value)
+
+
+def test_reset_summary_names_each_vcpu():
+    from harness.vm.resetwatch import summary
+
+    regs = ("CPU#0\nRAX=1 RBX=2\nRIP=ffffffff81000000 RFL=00000046 [---] CPL=0 II=0 A20=1 SMM=0 "
+            "HLT=0\nRSP=ffffc90000003f00\nCR0=80050033 CR2=0000000000000010 CR3=0000000001000000"
+            "\nCPU#1\nRIP=ffffffff81000100 CPL=3 HLT=1 RSP=1\n")
+    assert summary(regs) == ("CPU#0 RIP=ffffffff81000000 RSP=ffffc90000003f00 CR2=0000000000000010 "
+                             "CR3=0000000001000000 CPL=0 HLT=0; CPU#1 RIP=ffffffff81000100 RSP=1 "
+                             "CPL=3 HLT=1")
+    assert summary("") == ""

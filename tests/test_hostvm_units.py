@@ -74,6 +74,7 @@ def test_job_runs_this_interpreter_with_quoted_args_and_puts_mtimes_back():
     assert "'x; reboot'" in job
     assert "/usr/bin/touch -m -h -d @1700000000.123456789 '/a b'" in job
     assert "kvm_nested_vmenter" in job and "trace_pipe" in job and "echo global >" in job
+    assert "export NESTVIRT_RESET_REGISTERS=1" in job
     assert "trace_pipe" not in render_job(["doctor"], trace=False)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from harness.core.cache import cache_root
 from harness.core.paths import REPO
+from harness.vm import resetwatch
 
 # Inside the host VM: where the inner run writes (the exchange disk carries /results back).
 INNER_OUT = "/results/run"
@@ -28,7 +29,9 @@ def render_job(inner_args: Sequence[str], *, trace: bool = True, stdout: str = "
     py = shlex.quote(sys.executable)
     env = {"HOME": str(Path.home()), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:"
            "/usr/sbin:/sbin", "NESTVIRT_CACHE": str(cache_root()), "PYTHONDONTWRITEBYTECODE": "1",
-           "LANG": "C.UTF-8"}
+           "LANG": "C.UTF-8",
+           # Inner L1s that reset on their own (TCG's nested SVM) leave their registers.
+           resetwatch.ENV: "1"}
     lines = ["set -u", "ev() { echo \"NESTVIRT-HOSTVM $*\" > /dev/ttyS1; }",
              *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
              f"cd {shlex.quote(str(REPO))}", f"mkdir -p {INNER_OUT}"]

@@ -25,6 +25,7 @@ from harness.core.errors import NestvirtError, StepTimeout
 from harness.core.paths import TEMPLATES
 from harness.guest.kernlog import death_line, qemu_exit_story
 from harness.host.probe import launch_env
+from harness.vm import resetwatch
 from harness.vm.guestmode import TCG_SVM_LOG_ARGS
 
 # qemu.qmp logs every negotiation failure while we poll for the socket; our transcript is enough.
@@ -114,6 +115,15 @@ class Machine:
         return f"unix:{self.qmp_socket},server=on,wait=off"
 
     @property
+    def reset_socket(self) -> Path:
+        return self.qmp_socket.with_name(f"{self.config.name}.reset")
+
+    @property
+    def reset_dump(self) -> Path:
+        """The registers at a reset L1 asked for itself (resetwatch), when it happened."""
+        return self.workdir / f"{self.config.name}-reset-registers.txt"
+
+    @property
     def control_socket(self) -> Path:
         return self.qmp_socket.with_name(f"{self.config.name}.ctl")
 
@@ -169,7 +179,9 @@ class Machine:
             qmp=self.qmp_spec(), control_chardev=self.control_chardev(), incoming=c.incoming,
             extra_args=c.extra_args,
             machine=c.machine, firmware_dirs=c.firmware_dirs,
-            tcg_log_args=TCG_SVM_LOG_ARGS if c.tcg_svm_log else (), tcg_svm_log=c.tcg_svm_log)
+            tcg_log_args=TCG_SVM_LOG_ARGS if c.tcg_svm_log else (), tcg_svm_log=c.tcg_svm_log,
+            reset_watch=(f"unix:{self.reset_socket},server=on,wait=off"
+                         if resetwatch.enabled() else ""))
         return [line.strip() for line in text.splitlines() if line.strip()]
 
     def launch(self, timeout: float = 20.0) -> None:
@@ -198,6 +210,8 @@ class Machine:
                 try:
                     qmp.connect(negotiate=True)
                     self._qmp = qmp
+                    if resetwatch.enabled():
+                        resetwatch.watch(self.reset_socket, self.reset_dump)
                     break
                 except (QMPError, OSError):
                     qmp.close()
@@ -330,7 +344,11 @@ class Machine:
     def exit_story(self) -> str:
         """How this QEMU ended: its stderr, else its status and the guest's last console words
         (L1 runs with panic=-1 under -no-reboot: a panic exits QEMU with 0 and no stderr)."""
-        return qemu_exit_story(self.error_lines(), self.returncode, self.console_lines())
+        story = qemu_exit_story(self.error_lines(), self.returncode, self.console_lines())
+        if self.reset_dump.exists():
+            regs = self.reset_dump.read_text(errors="replace").split("\n== ")[0]
+            story += f"; L1 reset itself at {resetwatch.summary(regs)} ({self.reset_dump.name})"
+        return story
 
     def wait_exit(self, timeout: float) -> int | None:
         """Wait (bounded) for QEMU to exit on its own; returns its status or None if still alive."""

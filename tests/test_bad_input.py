@@ -225,3 +225,9 @@ def test_a_disk_error_outside_plain_run_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_report", lambda a: (_ for _ in ()).throw(OSError(5, "EIO")))
     with pytest.raises(OSError):
         cli.main(["report", "x"])
+
+
+@pytest.mark.parametrize("value", ["slow", "0.5", "50"])
+def test_a_bad_timeout_scale_is_refused_before_anything_starts(tmp_path: Path, value: str):
+    line = bad(tmp_path, "run", "migrate-plain", env={"NESTVIRT_TIMEOUT_SCALE": value})
+    assert "NESTVIRT_TIMEOUT_SCALE" in line and value in line

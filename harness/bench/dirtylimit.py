@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from harness.core import slow
 from harness.core.errors import NestvirtError, StepTimeout
 from harness.guest.l1 import L1Shell, RunKey
 from harness.scenario import checks as ck
@@ -130,10 +131,11 @@ class _DirtyRun:
                f"--status /run/l1work.status --result /run/l1work.verify "
                f"--pidfile /run/l1work.pid --progress {PROGRESS} >/run/l1work.log 2>&1 "
                "</dev/null &", 20)
-        deadline = time.monotonic() + 60
+        start_s = slow.scaled(60)
+        deadline = time.monotonic() + start_s
         while '"running"' not in sh.run("cat /run/l1work.status 2>/dev/null", 20).out:
             if time.monotonic() > deadline:
-                raise StepTimeout("l1work did not start in 60s")
+                raise StepTimeout(f"l1work did not start in {start_s:g}s")
             time.sleep(0.5)
         # 1. the dirty ring's per-vCPU rates
         before = self._dirty_rate(src)

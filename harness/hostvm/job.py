@@ -8,6 +8,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from harness.core import slow
 from harness.core.cache import cache_root
 from harness.core.paths import REPO
 from harness.vm import resetwatch
@@ -22,6 +23,9 @@ QEMU_PIDS = "/results/qemu-pids.txt"
 TRACE_EVENTS = ("kvm_nested_vmenter", "kvm_nested_vmrun", "kvm_nested_vmexit_inject")
 
 
+INNER_SCALE = 3.0
+
+
 def render_job(inner_args: Sequence[str], *, trace: bool = True, stdout: str = "",
                mtimes: Mapping[str, int] | None = None) -> str:
     """job.sh for ``python -m harness INNER_ARGS`` as this process's own interpreter and tree
@@ -31,7 +35,11 @@ def render_job(inner_args: Sequence[str], *, trace: bool = True, stdout: str = "
            "/usr/sbin:/sbin", "NESTVIRT_CACHE": str(cache_root()), "PYTHONDONTWRITEBYTECODE": "1",
            "LANG": "C.UTF-8",
            # Inner L1s that reset on their own (TCG's nested SVM) leave their registers.
-           resetwatch.ENV: "1"}
+           resetwatch.ENV: "1",
+           # An inner L1 on KVM that TCG emulates runs 2-4x slower than an L1 on TCG here
+           # (boot 6 s -> 12-25 s; a loaded CI machine doubled a job's time): its deadlines
+           # stretch with it so that slow is not called a hang.
+           slow.ENV: f"{min(slow.MAX, INNER_SCALE * slow.factor()):g}"}
     lines = ["set -u", "ev() { echo \"NESTVIRT-HOSTVM $*\" > /dev/ttyS1; }",
              *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
              f"cd {shlex.quote(str(REPO))}", f"mkdir -p {INNER_OUT}"]

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.core import slow
 from harness.core.errors import UsageError
 from harness.scenario.result import ScenarioResult
 
@@ -18,7 +19,7 @@ SCHEMA_VERSION = 1
 def run_record(out: Path, **fields: Any) -> dict[str, Any]:
     """results.json's "run" block as a run opens: how it was called, when, where, by whom."""
     return {"argv": sys.argv, "started": time.strftime("%FT%T%z"), "out": str(out),
-            "pid": os.getpid(), **fields}
+            "pid": os.getpid(), "timeout_scale": slow.factor(), **fields}
 
 
 def write_results(out: Path, host: dict, results: list[ScenarioResult],

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from harness.core import proc, scratch
+from harness.core import proc, scratch, slow
 from harness.core.errors import SetupError, UsageError
 from harness.matrix.engines import runner_for
 from harness.results import known
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.raw_argv = list(sys.argv[1:] if argv is None else argv)
+        slow.factor()  # a bad NESTVIRT_TIMEOUT_SCALE is refused before anything starts
         return {"doctor": cmd_doctor, "qemu": cmd_qemu, "list": cmd_list, "run": cmd_run,
                 "vmexit": cmd_vmexit, "selftest": cmd_selftest, "matrix": cmd_matrix,
                 "report": cmd_report, "bench": cmd_bench, "hostvm": cmd_hostvm}[args.cmd](args)

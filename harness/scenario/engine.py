@@ -10,9 +10,10 @@ import re
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from harness.core import slow
 from harness.core.errors import NestvirtError, StepTimeout
 from harness.core.ports import free_port
 from harness.guest.image import GUEST_TOOLS, L1Image
@@ -49,8 +50,9 @@ class RunContext:
     host: HostFacts
     image: L1Image
     out: Path
-    boot_timeout: float = 60.0
-    migrate_timeout: float = 120.0
+    # Deadlines set by the guests' speed, stretched by the run's scale (core.slow).
+    boot_timeout: float = field(default_factory=lambda: slow.scaled(60.0))
+    migrate_timeout: float = field(default_factory=lambda: slow.scaled(120.0))
     dst_host: HostSpec | None = None
     stall_timeout: float | None = 15.0
     # How L1s start: "snapshot" (restored from the saved, booted image of their configuration,
@@ -421,12 +423,13 @@ class _ScenarioRun:
             ready.append("grep -q '\"state\":\"holding\"' /run/l2.status 2>/dev/null")
         if s.state == "nested":
             ready.append(f"[ \"$({L2_PASS})\" -ge 2 ] 2>/dev/null")
-        steps = [f"setsid {c} >/run/{c.split()[0]}.log 2>&1 </dev/null &\n{deadline_sh(START_S)}\n"
+        start_s = slow.scaled(START_S)
+        steps = [f"setsid {c} >/run/{c.split()[0]}.log 2>&1 </dev/null &\n{deadline_sh(start_s)}\n"
                  f"until {cond}; do {PAST_DEADLINE} && break; usleep 50000; done"
                  for c, cond in zip(cmds, ready, strict=True)]
         script = "\n".join(steps) or "true"
         r = sh.run_many({"start": script + "\n" + STATUS_SH, "dmesg": "dmesg"},
-                        START_S * max(1, len(steps)) + 15)
+                        start_s * max(1, len(steps)) + 15)
         st = _status_of(r["start"].out if "start" in r else "")
         ok = (not s.l1_workload or st.get("l1work", {}).get("state") == "running") and (
             s.state == "plain"
@@ -434,7 +437,7 @@ class _ScenarioRun:
             or (s.state == "nested" and st.get("l2", {}).get("pass", 0) >= 2))
         if not ok:
             logs = sh.run("tail -n 3 /run/l1work.log /run/nvmm.log 2>/dev/null", 10).out
-            raise StepTimeout(f"guest programs did not start in {START_S}s each: {st} "
+            raise StepTimeout(f"guest programs did not start in {start_s:g}s each: {st} "
                               f"{logs.strip()}")
         self.res.metrics["guest_status_before"] = st
         return st, r["dmesg"].out if "dmesg" in r else ""

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from harness.core import slow
 from harness.core.errors import UsageError
 from harness.hostvm.vm import DEFAULT_MEM_MIB, DEFAULT_SMP, DEFAULT_TCG_THREAD, TCG_THREADS
 
@@ -88,7 +89,7 @@ def _boot(p, args: argparse.Namespace) -> int:
     out = prepare_out(args.out)
     job = render_job(["doctor", "--accel", "kvm", "--json"], trace=False,
                      stdout="/results/doctor.json", mtimes=p.mtimes)
-    o = run_job(p.spec, {"job.sh": job}, out / "hostvm", deadline_s=180,
+    o = run_job(p.spec, {"job.sh": job}, out / "hostvm", deadline_s=slow.scaled(180),
                 results=out / "hostvm" / "readback")
     doc = {"hostvm": p.spec.to_json(), "outcome": o.to_json()}
     probe = out / "hostvm" / "readback" / "doctor.json"

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.core import slow
 from harness.hostvm import evidence
 from harness.hostvm.job import INNER_OUT, QEMU_PIDS, TRACE, render_job
 from harness.hostvm.prepare import Prepared
@@ -121,7 +122,7 @@ def run_in_hostvm(prepared: Prepared, args: Sequence[str], out: Path, *,
     workdir = out / "hostvm"
     local = workdir / "inner"
     shutil.rmtree(local, ignore_errors=True)
-    bound = deadline_s or BOOT_BOUND_S + VARIANT_BOUND_S * variant_count(args)
+    bound = deadline_s or slow.scaled(BOOT_BOUND_S + VARIANT_BOUND_S * variant_count(args))
     job = render_job(["run", "--accel", "kvm", "--out", INNER_OUT, *args],
                      mtimes=prepared.mtimes)
     outcome = run_job(prepared.spec, {"job.sh": job}, workdir, deadline_s=bound,

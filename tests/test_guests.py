@@ -189,3 +189,26 @@ def test_reset_summary_names_each_vcpu():
                              "CR3=0000000001000000 CPL=0 HLT=0; CPU#1 RIP=ffffffff81000100 RSP=1 "
                              "CPL=3 HLT=1")
     assert summary("") == ""
+
+
+def test_l1work_readers_count_reads_in_a_third_progress_column(tmp_path: Path):
+    """--readers N adds threads that only read (the third progress column grows while the
+    written bytes grow too), --pin is accepted, and the region still verifies."""
+    tools = build_tools()
+    pid, res, prog = tmp_path / "pid", tmp_path / "res", tmp_path / "progress"
+    p = subprocess.Popen([str(tools.dir / "l1work"), "run", "--mib", "2", "--threads", "1",
+                          "--readers", "1", "--pin", "--rate-mib-s", "16", "--pidfile", str(pid),
+                          "--result", str(res), "--progress", str(prog)])
+    try:
+        deadline = time.monotonic() + 10
+        while (not prog.exists() or len(prog.read_text().splitlines()) < 4) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ok = _run_l1work(tools.dir, tmp_path, "verify", "--pidfile", str(pid), "--result", str(res))
+        assert ok.returncode == 0 and json.loads(ok.stdout)["ok"], ok.stdout + ok.stderr
+        rows = [tuple(map(float, x.split())) for x in prog.read_text().splitlines()]
+        assert len(rows) >= 3 and all(len(r) == 3 for r in rows), rows[:3]
+        assert rows[-1][1] > rows[0][1] and rows[-1][2] > rows[0][2]
+    finally:
+        p.terminate()
+        p.wait(timeout=10)

@@ -206,11 +206,75 @@ def test_dirty_limit_judgements_can_fail():
     assert dl.vcpu_limit_check({"before": 100.0, "limited": 10.0}, ring, 3).ok
     assert not dl.vcpu_limit_check({"before": 100.0, "limited": 90.0}, ring, 3).ok
     assert not dl.vcpu_limit_check({"before": None, "limited": 1.0}, ring, 3).ok
-    rows = [{"policy": p, "guest_mib_s_during": 5.0} for p in dl.POLICIES]
+    g = {k: {"before": 9.0, "during": 3.0, "after": 9.0} for k in ("write_mib_s", "read_mib_s")}
+    rows = [{"policy": p, "guest": g} for p in dl.POLICIES]
     assert dl.progress_check(rows).ok
     assert not dl.progress_check(rows[:1]).ok
-    assert not dl.progress_check([{**rows[0], "guest_mib_s_during": None}, rows[1]]).ok
-    assert dl.migrate_limit(12, 2) == 3 and dl.migrate_limit(1, 2) == dl.LIMIT_FLOOR_MB
+    assert not dl.progress_check([{**rows[0], "guest": {**g, "read_mib_s": {
+        "before": 9.0, "during": None, "after": 9.0}}}, rows[1]]).ok
+    assert not dl.progress_check([{**rows[0], "guest": {**g, "write_mib_s": {
+        "before": 9.0, "during": 0.0, "after": 9.0}}}, rows[1]]).ok
+    assert not dl.progress_check([{"policy": "dirty-limit"}, rows[1]]).ok
+
+
+def test_guest_rates_read_both_columns_in_three_windows():
+    from harness.bench import dirtylimit as dl
+
+    mib = 2**20
+    # writes at 4 MiB/s, then 1 during [10, 14], then 4 again; reads at 8 throughout
+    lines, w, r = [], 0, 0
+    for i in range(0, 201):
+        t = i / 10
+        lines.append(f"{t:.1f} {w} {r}")
+        w += (mib // 10) if 10 <= t < 14 else (4 * mib // 10)
+        r += 8 * mib // 10
+    g = dl.guest_rates(lines, 10.0, 14.0, span=4)
+    assert g["write_mib_s"] == {"before": 4.0, "during": 1.0, "after": 4.0}
+    assert g["read_mib_s"] == {"before": 8.0, "during": 8.0, "after": 8.0}
+    two = [" ".join(ln.split()[:2]) for ln in lines]  # no readers: no read column
+    assert dl.guest_rates(two, 10.0, 14.0)["read_mib_s"]["during"] is None
+
+
+def test_throttle_seen_keeps_the_most_after_the_last_migrate_only():
+    import json
+
+    from harness.bench import dirtylimit as dl
+
+    def rec(d, msg):
+        return json.dumps({"t": 1.0, "dir": d, "msg": msg})
+
+    old = [rec("->", {"execute": "migrate"}),
+           rec("<-", {"return": {"status": "active", "cpu-throttle-percentage": 99}})]
+    new = [rec("->", {"execute": "migrate", "arguments": {}}),
+           rec("<-", {"return": {"status": "active"}}),
+           rec("<-", {"return": {"status": "active", "cpu-throttle-percentage": 20}}),
+           "{broken", rec("<-", {"return": {}}),
+           rec("<-", {"return": {"status": "active", "cpu-throttle-percentage": 40}}),
+           rec("<-", {"return": {"status": "completed"}})]
+    seen = dl.throttle_seen(old + new)
+    assert seen == {"cpu_throttle_percentage_max": 40, "replies": 4}
+    ac = {"policy": "auto-converge", "throttle": seen}
+    assert dl.throttle_check(ac).ok
+    assert not dl.throttle_check({**ac, "throttle": {"replies": 4}}).ok
+    dl_row = {"policy": "dirty-limit", "throttle": dl.throttle_seen([
+        rec("->", {"execute": "migrate"}),
+        rec("<-", {"return": {"status": "active", "dirty-limit-throttle-time-per-round": 0,
+                              "dirty-limit-ring-full-time": 0}})])}
+    assert not dl.throttle_check(dl_row).ok  # reported, but never acting
+    dl_row["throttle"]["dirty_limit_throttle_time_per_round_us_max"] = 1500
+    assert dl.throttle_check(dl_row).ok
+
+
+def test_comparison_plan_keeps_the_cap_below_the_stream_and_the_limit_below_the_cap():
+    from harness.bench import dirtylimit as dl
+
+    assert dl.comparison_plan(40.0, 2) == (20, 5)
+    assert dl.comparison_plan(1.0, 2) == (dl.CAP_FLOOR_MIB, dl.LIMIT_FLOOR_MB)
+    assert dl.comparison_plan(1000.0, 2)[0] == dl.CAP_CEIL_MIB
+    cap, limit = dl.comparison_plan(23.0, 2)
+    assert cap < 23.0 and limit * 2 < cap
+    assert dl.without_nesting("host,+svm") == "host,-svm,-vmx"
+    assert dl.without_nesting("max,vmx=on,+x2apic") == "max,+x2apic,-svm,-vmx"
 
 
 def test_old_images_are_pruned(tmp_path: Path):

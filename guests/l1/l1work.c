@@ -55,6 +55,12 @@ static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_done_cv = PTHREAD_COND_INITIALIZER, g_resume_cv = PTHREAD_COND_INITIALIZER;
 static uint64_t g_done_count, g_resume_epoch;
 static pthread_barrier_t g_ready;
+/* --readers N: threads that only read the region (their progress is what a throttle costs a
+ * vCPU that dirties nothing); --pin: thread k runs on CPU k mod the CPU count, writers first */
+static uint64_t g_nreaders;
+static int g_pin;
+static _Atomic uint64_t g_read_bytes;
+static pthread_t *g_readers;
 
 /* splitmix64's finaliser: every output bit depends on every input bit (deflate finds nothing) */
 static inline uint64_t mix64(uint64_t z)
@@ -217,6 +223,38 @@ static int requests_pending(struct slice *s)
 		CORRUPT_PAGE < s->first + s->n);
 }
 
+static void pin_to(pthread_t th, uint64_t k)
+{
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+	cpu_set_t cs;
+
+	if (!g_pin || n < 1)
+		return;
+	CPU_ZERO(&cs);
+	CPU_SET((int)(k % (uint64_t)n), &cs);
+	if (pthread_setaffinity_np(th, sizeof cs, &cs))
+		fprintf(stderr, "l1work: cannot pin thread %llu\n", (unsigned long long)k);
+}
+
+/* Reads every word of the region, page by page, forever; counts the bytes read. */
+static void *reader(void *arg)
+{
+	volatile uint64_t sink = 0;
+	uint64_t p = (uint64_t)(uintptr_t)arg % g_pages, j, acc;
+
+	for (;;) {
+		const uint64_t *w = (const uint64_t *)(g_mem + p * PAGE);
+
+		for (j = 0, acc = 0; j < WORDS; j++)
+			acc += w[j];
+		sink += acc;
+		atomic_fetch_add_explicit(&g_read_bytes, PAGE, memory_order_relaxed);
+		if (++p == g_pages)
+			p = 0;
+	}
+	return NULL;
+}
+
 static void *worker(void *arg)
 {
 	struct slice *s = arg;
@@ -270,7 +308,8 @@ static void *worker(void *arg)
 }
 
 static const char *g_status, *g_result, *g_pidfile;
-static FILE *g_progress; /* --progress: one "t bytes_written" line per status interval */
+/* --progress: one "t bytes_written" line per status interval ("t written read" with readers) */
+static FILE *g_progress;
 static uint64_t g_mib, g_seq;
 static double g_rate_total;
 
@@ -297,7 +336,13 @@ static void write_progress(void)
 		return;
 	for (i = 0; i < g_nthreads; i++)
 		bytes += atomic_load_explicit(&g_sl[i].bytes, memory_order_relaxed);
-	fprintf(g_progress, "%.6f %llu\n", (double)now_ns() / 1e9, (unsigned long long)bytes);
+	if (g_nreaders)
+		fprintf(g_progress, "%.6f %llu %llu\n", (double)now_ns() / 1e9,
+			(unsigned long long)bytes,
+			(unsigned long long)atomic_load_explicit(&g_read_bytes, memory_order_relaxed));
+	else
+		fprintf(g_progress, "%.6f %llu\n", (double)now_ns() / 1e9,
+			(unsigned long long)bytes);
 	fflush(g_progress);
 }
 
@@ -389,6 +434,7 @@ static int cmd_run(int argc, char **argv)
 		{ "result", required_argument, 0, 'R' }, { "pidfile", required_argument, 0, 'p' },
 		{ "entropy", required_argument, 0, 'e' }, { "pattern", required_argument, 0, 'P' },
 		{ "hot-pct", required_argument, 0, 'H' }, { "progress", required_argument, 0, 'g' },
+		{ "readers", required_argument, 0, 'D' }, { "pin", no_argument, 0, 'I' },
 		{ 0, 0, 0, 0 } };
 	uint64_t i, per, extra, next;
 	sigset_t set;
@@ -408,6 +454,8 @@ static int cmd_run(int argc, char **argv)
 		case 'p': g_pidfile = optarg; break;
 		case 'e': g_entropy = parse_u64("--entropy", optarg, 0, WORDS); break;
 		case 'H': g_hot_pct = parse_u64("--hot-pct", optarg, 1, 100); break;
+		case 'D': g_nreaders = parse_u64("--readers", optarg, 0, 256); break;
+		case 'I': g_pin = 1; break;
 		case 'g':
 			g_progress = fopen(optarg, "a");
 			if (!g_progress)
@@ -462,8 +510,19 @@ static int cmd_run(int argc, char **argv)
 		err = pthread_create(&g_sl[i].th, NULL, worker, &g_sl[i]);
 		if (err)
 			die(EXIT_FAIL, "pthread_create: %s", strerror(err));
+		pin_to(g_sl[i].th, i);
 	}
 	pthread_barrier_wait(&g_ready); /* whole region touched: only now are we "up" */
+	g_readers = calloc(g_nreaders ? g_nreaders : 1, sizeof *g_readers);
+	if (!g_readers)
+		die(EXIT_FAIL, "out of memory");
+	for (i = 0; i < g_nreaders; i++) { /* each starts at its own place in the region */
+		err = pthread_create(&g_readers[i], NULL, reader,
+				     (void *)(uintptr_t)(g_pages * i / g_nreaders));
+		if (err)
+			die(EXIT_FAIL, "pthread_create: %s", strerror(err));
+		pin_to(g_readers[i], g_nthreads + i);
+	}
 	write_pidfile(g_pidfile);
 	write_status("running");
 	for (;;) {
@@ -502,6 +561,7 @@ static void usage(void)
 		"usage: l1work run [--mib M] [--threads T] [--rate-mib-s R] [--status PATH]\n"
 		"                  [--result PATH] [--pidfile PATH] [--entropy N]\n"
 		"                  [--pattern seq|random|hot] [--hot-pct P] [--progress PATH]\n"
+		"                  [--readers N] [--pin]\n"
 		"       l1work verify --pidfile P --result F [--timeout S]\n"
 		"       l1work corrupt --pidfile P\n");
 }

@@ -1,7 +1,8 @@
-"""``nestvirt run --in-hostvm``: one host VM boot runs every variant of the run inside it with
-``--accel kvm``; its results come back into the host's results directory in the one schema,
-with the inner probe as the host facts, the host VM's identity recorded, and the KVM nested
-tracepoints around each stop turned into a check for the guest-mode scenarios."""
+"""``nestvirt run|selftest|vmexit --in-hostvm``: one host VM boot runs the command inside it with
+``--accel kvm`` (for run, every variant); its results come back into the host's results
+directory in the one schema, with the inner probe as the host facts, the host VM's identity
+recorded, figures measured on the host VM's KVM labelled emulated (TCG is below it), and the
+KVM nested tracepoints around each stop turned into a check for the guest-mode scenarios."""
 
 from __future__ import annotations
 
@@ -26,14 +27,22 @@ from harness.scenario.suite import SCENARIOS
 OUTER_FLAGS = ("--in-hostvm",)
 OUTER_VALUED = ("--out", "--hostvm-mem", "--hostvm-smp", "--hostvm-cpu", "--hostvm-qemu",
                 "--hostvm-tcg-thread", "--hostvm-npt", "--hostvm-deadline", "--accel")
+# Inside the host VM KVM is real kernel code, but its CPU is QEMU's TCG: a figure that would
+# say "hardware" there is still emulated below.
+HOSTVM_LABEL = ("emulated (real KVM, SVM, inside the TCG host VM): the host VM's CPU is TCG, "
+                "so not a hardware cost; relative figures only")
 # What one variant may take inside at most, and the host VM's own start: the run's deadline.
 VARIANT_BOUND_S = 240
 BOOT_BOUND_S = 90
+# Scenarios that take longer than a variant's bound: dirty-limit boots four L1s and runs three
+# migrations, two of them bounded at 150 s each.
+SCENARIO_BOUND_S = {"dirty-limit": 600}
 
 
-def inner_args(argv: Sequence[str]) -> list[str]:
-    """`run`'s arguments as the user typed them, less the outer ones (--out, --accel and the
-    --hostvm-* options, in both --opt V and --opt=V forms)."""
+def inner_args(argv: Sequence[str], drop_valued: Sequence[str] = ()) -> list[str]:
+    """The command's arguments as the user typed them, less the outer ones (--out, --accel and
+    the --hostvm-* options, and ``drop_valued``, in both --opt V and --opt=V forms)."""
+    valued = (*OUTER_VALUED, *drop_valued)
     out: list[str] = []
     skip = False
     for a in argv:
@@ -43,17 +52,17 @@ def inner_args(argv: Sequence[str]) -> list[str]:
         name = a.split("=", 1)[0]
         if name in OUTER_FLAGS:
             continue
-        if name in OUTER_VALUED:
+        if name in valued:
             skip = "=" not in a
             continue
         out.append(a)
     return out
 
 
-def variant_count(args: Sequence[str]) -> int:
-    """About how many variants the inner run has (for its deadline): scenarios named (the
-    smoke suite's 11 when none) x compression modes (5 when not named) x --repeat."""
-    names, i, opts = 0, 0, {}
+def _shape(args: Sequence[str]) -> tuple[list[str], int, int]:
+    """(scenario names, compression modes (5 when not named), --repeat) of run's arguments."""
+    names: list[str] = []
+    i, opts = 0, {}
     while i < len(args):
         a = args[i]
         if a.startswith("--"):
@@ -62,14 +71,30 @@ def variant_count(args: Sequence[str]) -> int:
                 v, i = args[i + 1], i + 1
             opts[k] = v
         else:
-            names += 1
+            names.append(a)
         i += 1
     modes = 1 if "--compression" in opts else 5
     try:
         repeat = max(1, int(opts.get("--repeat", "1") or 1))
     except ValueError:
         repeat = 1
-    return (names * modes if names else 11) * repeat
+    return names, modes, repeat
+
+
+def variant_count(args: Sequence[str]) -> int:
+    """About how many variants the inner run has (for its deadline): scenarios named (the
+    smoke suite's 11 when none) x compression modes (5 when not named) x --repeat."""
+    names, modes, repeat = _shape(args)
+    return (len(names) * modes if names else 11) * repeat
+
+
+def run_bound(args: Sequence[str]) -> float:
+    """The bound on a whole `run --in-hostvm`: the host VM's boot plus each variant's bound
+    (SCENARIO_BOUND_S for the long scenarios, VARIANT_BOUND_S for the rest)."""
+    names, modes, repeat = _shape(args)
+    per = sum(SCENARIO_BOUND_S.get(n, VARIANT_BOUND_S) for n in names) * modes if names \
+        else 11 * VARIANT_BOUND_S
+    return BOOT_BOUND_S + per * repeat
 
 
 def inner_path(path: str, local: Path) -> str:
@@ -77,11 +102,30 @@ def inner_path(path: str, local: Path) -> str:
     return re.sub(rf"^{re.escape(INNER_OUT)}", str(local), path) if path else path
 
 
+def label_emulated(doc: Any) -> int:
+    """Every ``label`` in ``doc`` (nested dicts and lists) that says nothing (None or "": a
+    hardware figure) becomes HOSTVM_LABEL; returns how many did."""
+    n = 0
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if k == "label" and not v:
+                doc[k] = HOSTVM_LABEL
+                n += 1
+            else:
+                n += label_emulated(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            n += label_emulated(v)
+    return n
+
+
 def merge(inner_doc: dict[str, Any], results: list[ScenarioResult], local: Path,
           trace: dict[str, dict[str, Any]], identity: dict[str, Any]) -> list[ScenarioResult]:
     """The inner results as the host's: artefact paths rewritten, the host VM recorded, the
-    nested trace attached and, where the scenario is about guest mode, judged as a check."""
+    figures labelled emulated, the nested trace attached and, where the scenario is about
+    guest mode, judged as a check."""
     for r in results:
+        label_emulated(r.metrics)
         d = r.artifacts.get("dir", "")  # the inner path: the trace's QEMUs are keyed by it
         r.artifacts["dir"] = inner_path(d, local)
         r.metrics["hostvm"] = {"qemu_version": identity.get("qemu_version"),
@@ -113,22 +157,24 @@ def failed_run(outcome: Outcome, wanted: Sequence[str]) -> list[ScenarioResult]:
 
 
 def run_in_hostvm(prepared: Prepared, args: Sequence[str], out: Path, *,
-                  deadline_s: float | None = None,
+                  command: str = "run", deadline_s: float | None = None,
                   on_event: Callable[[dict[str, str]], None] | None = None
                   ) -> tuple[dict[str, Any], list[ScenarioResult], dict[str, Any]]:
-    """Boot the host VM once, run `nestvirt run --accel kvm ARGS` inside, read back. Returns
-    (host facts of the inner probe, results, run info) and writes out/results.json."""
+    """Boot the host VM once, run `nestvirt COMMAND --accel kvm ARGS` inside, read back.
+    Returns (host facts of the inner probe, results, run info) and writes out/results.json.
+    ``deadline_s`` None: from run's variant count (other commands must pass one)."""
     t0 = time.monotonic()
     workdir = out / "hostvm"
     local = workdir / "inner"
     shutil.rmtree(local, ignore_errors=True)
-    bound = deadline_s or slow.scaled(BOOT_BOUND_S + VARIANT_BOUND_S * variant_count(args))
-    job = render_job(["run", "--accel", "kvm", "--out", INNER_OUT, *args],
+    bound = deadline_s or slow.scaled(run_bound(args))
+    job = render_job([command, "--accel", "kvm", "--out", INNER_OUT, *args],
                      mtimes=prepared.mtimes)
     outcome = run_job(prepared.spec, {"job.sh": job}, workdir, deadline_s=bound,
                       results=workdir / "readback", on_event=on_event)
     identity = prepared.spec.to_json()
     run_info: dict[str, Any] = {"hostvm": {**identity, "outcome": outcome.to_json(),
+                                           "inner_command": command,
                                            "inner_args": list(args),
                                            "prepare_seconds": prepared.seconds}}
     host: dict[str, Any] = {}
@@ -138,7 +184,9 @@ def run_in_hostvm(prepared: Prepared, args: Sequence[str], out: Path, *,
         (back / "run").rename(local)
         inner_doc, results = load_results(local / "results.json")
         host = inner_doc.get("host", {})
-        run_info["inner"] = {k: inner_doc.get("run", {}).get(k) for k in ("argv", "seconds")}
+        inner_run = inner_doc.get("run", {})
+        run_info["inner"] = {k: inner_run[k] for k in ("argv", "seconds", "selftests", "on",
+                                                       "timeout_s") if k in inner_run}
         trace = evidence.by_variant(_lines(back / Path(TRACE).name),
                                     _lines(back / Path(QEMU_PIDS).name))
         results = merge(inner_doc, results, local, trace, identity)

@@ -36,13 +36,17 @@ def our_qemus(marker: str) -> list[str]:
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--hostvm-mem", "512"], "at least"),
-    (["--hostvm-cpu", "max,-svm"], "SVM is turned off"),
-    (["--accel", "tcg"], "drop --accel tcg"),
-    (["no-such-scenario"], "unknown scenario"),
+    (["run", "--hostvm-mem", "512"], "at least"),
+    (["run", "--hostvm-cpu", "max,-svm"], "SVM is turned off"),
+    (["run", "--accel", "tcg"], "drop --accel tcg"),
+    (["run", "no-such-scenario"], "unknown scenario"),
+    (["vmexit", "--accel", "tcg"], "drop --accel tcg"),
+    (["vmexit", "--hostvm-mem", "512"], "at least"),
+    (["selftest", "--hostvm-cpu", "max,-svm"], "SVM is turned off"),
+    (["selftest", "--filter", "no_such_test"], "no such selftest"),
 ])
 def test_bad_input_is_refused_before_a_host_vm_boots(args, needle, tmp_path: Path):
-    cp = nestvirt("run", "--in-hostvm", *args, "--out", str(tmp_path))
+    cp = nestvirt(args[0], "--in-hostvm", *args[1:], "--out", str(tmp_path))
     assert cp.returncode == 2, cp.stderr
     lines = cp.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in cp.stderr

@@ -90,6 +90,33 @@ def test_the_deadline_grows_with_the_variants():
     assert variant_count(["migrate-nested", "--compression", "none"]) == 1
     assert variant_count(["migrate-nested", "--compression", "none", "--repeat", "10"]) == 10
     assert variant_count(["a", "b"]) == 10 and variant_count([]) == 11
+    from harness.hostvm.run import BOOT_BOUND_S, SCENARIO_BOUND_S, VARIANT_BOUND_S, run_bound
+
+    assert run_bound(["migrate-nested", "--compression", "none"]) == \
+        BOOT_BOUND_S + VARIANT_BOUND_S
+    # a long scenario gets its own bound, once per mode and repeat
+    assert run_bound(["dirty-limit", "migrate-plain", "--compression=none", "--repeat", "2"]) \
+        == BOOT_BOUND_S + 2 * (SCENARIO_BOUND_S["dirty-limit"] + VARIANT_BOUND_S)
+
+
+def test_inner_args_drop_what_the_outer_selftest_resolved():
+    got = inner_args(["--in-hostvm", "--filter", "state_test", "--selftests=/x", "--on", "l1",
+                      "--hostvm-smp", "2", "--timeout", "30"],
+                     drop_valued=("--selftests", "--filter", "--timeout"))
+    assert got == ["--on", "l1"]
+
+
+def test_hardware_labels_become_emulated_in_the_host_vm():
+    from harness.hostvm.run import HOSTVM_LABEL, label_emulated
+
+    tcg = "emulated (TCG): x"
+    doc = {"label": None, "figures": [{"label": None, "cycles": 5}, {"label": tcg}],
+           "savings": [{"label": ""}], "other": {"deep": [{"label": None}]}}
+    assert label_emulated(doc) == 4
+    assert doc["label"] == HOSTVM_LABEL and doc["figures"][0]["label"] == HOSTVM_LABEL
+    assert doc["figures"][1]["label"] == tcg  # a label that says something stays
+    assert doc["savings"][0]["label"] == HOSTVM_LABEL
+    assert label_emulated({"cycles": 1}) == 0
 
 
 def _spec(tmp_path: Path, **kw) -> HostVmSpec:
@@ -207,14 +234,18 @@ def test_dirty_limit_judgements_can_fail():
     assert not dl.vcpu_limit_check({"before": 100.0, "limited": 90.0}, ring, 3).ok
     assert not dl.vcpu_limit_check({"before": None, "limited": 1.0}, ring, 3).ok
     g = {k: {"before": 9.0, "during": 3.0, "after": 9.0} for k in ("write_mib_s", "read_mib_s")}
-    rows = [{"policy": p, "guest": g} for p in dl.POLICIES]
+    rows = [{"policy": p, "guest": g} for p in (dl.BASELINE, *dl.POLICIES)]
     assert dl.progress_check(rows).ok
     assert not dl.progress_check(rows[:1]).ok
     assert not dl.progress_check([{**rows[0], "guest": {**g, "read_mib_s": {
         "before": 9.0, "during": None, "after": 9.0}}}, rows[1]]).ok
     assert not dl.progress_check([{**rows[0], "guest": {**g, "write_mib_s": {
         "before": 9.0, "during": 0.0, "after": 9.0}}}, rows[1]]).ok
-    assert not dl.progress_check([{"policy": "dirty-limit"}, rows[1]]).ok
+    assert not dl.progress_check([{"policy": "dirty-limit"}, *rows[1:]]).ok
+    base = {"policy": dl.BASELINE, "status": "timeout", "converged": False, "seconds": 40}
+    assert dl.outruns_check(base).ok
+    assert not dl.outruns_check({**base, "status": "completed", "converged": True}).ok
+    assert not dl.outruns_check({**base, "status": "source-died"}).ok
 
 
 def test_guest_rates_read_both_columns_in_three_windows():
@@ -260,9 +291,11 @@ def test_throttle_seen_keeps_the_most_after_the_last_migrate_only():
         rec("->", {"execute": "migrate"}),
         rec("<-", {"return": {"status": "active", "dirty-limit-throttle-time-per-round": 0,
                               "dirty-limit-ring-full-time": 0}})])}
-    assert not dl.throttle_check(dl_row).ok  # reported, but never acting
-    dl_row["throttle"]["dirty_limit_throttle_time_per_round_us_max"] = 1500
-    assert dl.throttle_check(dl_row).ok
+    assert dl_row["throttle"]["dirty_limit_in_service_replies"] == 1
+    assert dl.throttle_check(dl_row).ok  # reported: in service
+    dl_row["throttle"] = dl.throttle_seen([rec("->", {"execute": "migrate"}),
+                                           rec("<-", {"return": {"status": "active"}})])
+    assert not dl.throttle_check(dl_row).ok  # never in service
 
 
 def test_comparison_plan_keeps_the_cap_below_the_stream_and_the_limit_below_the_cap():

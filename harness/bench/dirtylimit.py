@@ -61,6 +61,11 @@ BEFORE_S = 4  # the guest's rates over this long before each migration, and afte
 # dirty-limit first: in the KVM host VM an auto-converge run has ended the source L1 (QEMU
 # exit 0, no stderr: a reset under -no-reboot), and the chain needs a live L1 to go on.
 POLICIES = ("dirty-limit", "auto-converge")
+# The baseline row first: the same migration with neither policy, bounded short. It must not
+# converge (else the guest does not out-dirty the stream and the comparison says nothing), and
+# it shows what dirty tracking alone costs the guest.
+BASELINE = "none"
+BASELINE_BOUND_S = 40
 PROGRESS = "/run/l1work.progress"
 # What QEMU reports about each policy's throttle in query-migrate while it acts.
 THROTTLE_KEYS = ("cpu-throttle-percentage", "dirty-limit-throttle-time-per-round",
@@ -145,6 +150,10 @@ def throttle_seen(transcript: list[str]) -> dict[str, Any]:
             if isinstance(ret.get(k), (int, float)):
                 name = k.replace("-", "_") + ("_max" if k.startswith("cpu") else "_us_max")
                 most[name] = max(most.get(name, 0), ret[k])
+        # QEMU reports the dirty-limit figures only while the limit is in service
+        if any(k.startswith("dirty-limit") and k in ret for k in THROTTLE_KEYS):
+            most["dirty_limit_in_service_replies"] = most.get(
+                "dirty_limit_in_service_replies", 0) + 1
     return {**most, "replies": replies}
 
 
@@ -256,12 +265,12 @@ class _DirtyRun:
         self.res.checks.append(vcpu_limit_check(guest, limited, limit))
 
     def _migrate(self, cur: Machine, dst: Machine, cap_mib: int, caps: dict[str, bool],
-                 ) -> tuple[MigrationOutcome, float]:
+                 bound_s: float = MIGRATE_BOUND_S) -> tuple[MigrationOutcome, float]:
         mode = replace(self.v.mode, max_bandwidth_mib=cap_mib,
                        downtime_limit_ms=self.v.mode.downtime_limit_ms or CMP_DOWNTIME_MS)
         t0 = time.monotonic()
         try:
-            o = migrate(cur, dst, mode, "tcp:127.0.0.1:0", timeout=MIGRATE_BOUND_S,
+            o = migrate(cur, dst, mode, "tcp:127.0.0.1:0", timeout=bound_s,
                         extra_caps=caps, stall_timeout=60)
         except NestvirtError as e:  # a side died mid-migration: that is this row's result
             who = "source" if not cur.alive() else "destination" if not dst.alive() else ""
@@ -304,7 +313,7 @@ class _DirtyRun:
         time.sleep(BEFORE_S)
         # 2. the same guest under each policy, at the same cap
         comparison: list[dict[str, Any]] = []
-        for policy in POLICIES:
+        for policy in (BASELINE, *POLICIES):
             dst = self._l1(f"dst-{policy}", incoming=True)
             caps = {"auto-converge": policy == "auto-converge",
                     "dirty-limit": policy == "dirty-limit"}
@@ -313,7 +322,8 @@ class _DirtyRun:
                                                      "x-vcpu-dirty-limit-period": 500})
             t_start = self._uptime(cur_sh)
             h0 = time.monotonic()
-            o, wall = self._migrate(cur, dst, cap, caps)
+            o, wall = self._migrate(cur, dst, cap, caps, BASELINE_BOUND_S
+                                    if policy == BASELINE else MIGRATE_BOUND_S)
             t_end = t_start + (time.monotonic() - h0)
             row: dict[str, Any] = {"policy": policy, "status": o.status,
                                    "converged": o.status == "completed",
@@ -330,10 +340,16 @@ class _DirtyRun:
             else:
                 row["error"] = o.error or o.dst_error
                 dst.shutdown()
+                self._settle(cur)
                 if cur.alive():  # the guest ran on at the source: its progress there
                     row["guest"] = self._guest_rates(cur_sh, t_start, t_end)
             comparison.append(row)
             self.res.metrics["comparison"] = comparison
+            if policy == BASELINE:
+                self.res.checks.append(outruns_check(row))
+                if not cur.alive():
+                    break
+                continue
             self.res.checks.append(ck.Check(f"migration-completed-{policy}", row["converged"],
                                             f"{policy}: {o.status} in {wall:.1f}s at "
                                             f"{cap} MiB/s" + (f": {row.get('error')}"
@@ -346,6 +362,15 @@ class _DirtyRun:
                             "--timeout 30", 60)
         self.res.checks.append(ck.Check("l1-workload-pattern", verify.rc == 0,
                                         (verify.out + verify.err).strip()[-300:]))
+
+    def _settle(self, m: Machine) -> None:
+        """Wait until a cancelled migration has ended at the source (the next may start)."""
+        deadline = time.monotonic() + 30
+        while m.alive() and time.monotonic() < deadline:
+            if m.qmp("query-migrate").get("status") not in ("cancelling", "active", "setup",
+                                                            "device", "pre-switchover"):
+                return
+            time.sleep(0.3)
 
     def _guest_rates(self, sh: L1Shell, t_start: float, t_end: float) -> dict[str, Any]:
         while self._uptime(sh) < t_end + 1 + BEFORE_S + 0.3:
@@ -409,20 +434,30 @@ def vcpu_limit_check(guest: dict[str, float | None], after: dict[str, Any],
 
 def throttle_check(row: dict[str, Any]) -> ck.Check:
     """throttle-engaged-POLICY: QEMU reported its policy acting during the migration (a CPU
-    throttle above 0 for auto-converge, a dirty-limit sleep per round or ring-full time above 0
-    for dirty-limit); without it the row compares nothing."""
+    throttle above 0 for auto-converge; for dirty-limit the limit in service, which is when
+    QEMU reports its figures); without it the row compares nothing."""
     th = row.get("throttle", {})
     if row["policy"] == "auto-converge":
         seen = th.get("cpu_throttle_percentage_max", 0)
         what = f"CPU throttle up to {seen}%"
     else:
-        seen = max(th.get("dirty_limit_throttle_time_per_round_us_max", 0),
-                   th.get("dirty_limit_ring_full_time_us_max", 0))
-        what = (f"dirty-limit sleep per round up to "
-                f"{th.get('dirty_limit_throttle_time_per_round_us_max')} us, ring-full time up "
-                f"to {th.get('dirty_limit_ring_full_time_us_max')} us")
+        seen = th.get("dirty_limit_in_service_replies", 0)
+        what = (f"dirty limit in service in {seen} replies, its sleep per ring-full up to "
+                f"{th.get('dirty_limit_throttle_time_per_round_us_max')} us, a ring filled in "
+                f"up to {th.get('dirty_limit_ring_full_time_us_max')} us")
     return ck.Check(f"throttle-engaged-{row['policy']}", seen > 0,
                     f"{what} over {th.get('replies', 0)} query-migrate replies")
+
+
+def outruns_check(row: dict[str, Any]) -> ck.Check:
+    """workload-outruns-stream: with neither policy the migration did not converge within its
+    short bound (while the source ran on): the guest dirties faster than the cap sends."""
+    ok = not row["converged"] and row["status"] in ("timeout", "cancelled", "cancelling")
+    return ck.Check("workload-outruns-stream", ok,
+                    f"no policy, at {row.get('cap_mib_s')} MiB/s: {row['status']} in "
+                    f"{row.get('seconds')}s after {row.get('ram_dirty_sync_count')} dirty syncs"
+                    + ("" if ok else ": the guest does not out-dirty the stream, so neither "
+                       "policy is needed"))
 
 
 def progress_check(rows: list[dict[str, Any]]) -> ck.Check:
@@ -433,7 +468,7 @@ def progress_check(rows: list[dict[str, Any]]) -> ck.Check:
     for r in rows:
         g = r.get("guest", {})
         got[r["policy"]] = {k: g.get(k, {}).get("during") for k in ("write_mib_s", "read_mib_s")}
-    ok = (len(got) == len(POLICIES) and all(
+    ok = (len(got) == len(POLICIES) + 1 and all(
         all(isinstance(g.get(k, {}).get(w), (int, float)) for k in ("write_mib_s", "read_mib_s")
             for w in ("before", "during", "after"))
         and g["write_mib_s"]["during"] > 0 and g["read_mib_s"]["during"] > 0

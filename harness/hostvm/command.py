@@ -45,13 +45,14 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     add_hostvm_options(h)
 
 
-def prepare_from(args: argparse.Namespace, build: bool = True):
+def prepare_from(args: argparse.Namespace, build: bool = True,
+                 extra_trees: tuple[Path, ...] = ()):
     from harness.hostvm.prepare import prepare
 
     return prepare(kernel=getattr(args, "kernel", None), modules=getattr(args, "modules", None),
                    qemu=args.hostvm_qemu, mem_mib=args.hostvm_mem, smp=args.hostvm_smp,
-                   cpu=args.hostvm_cpu, tcg_thread=args.hostvm_tcg_thread, npt=args.hostvm_npt == "on",
-                   build=build)
+                   cpu=args.hostvm_cpu, tcg_thread=args.hostvm_tcg_thread,
+                   npt=args.hostvm_npt == "on", build=build, extra_trees=extra_trees)
 
 
 def cmd_hostvm(args: argparse.Namespace) -> int:
@@ -116,28 +117,45 @@ def _boot(p, args: argparse.Namespace) -> int:
 
 def cmd_run_in_hostvm(args: argparse.Namespace, raw: list[str]) -> int:
     """`run --in-hostvm`: bad input checked here first, then one host VM for every variant."""
-    from harness.hostvm.run import inner_args, run_in_hostvm
-    from harness.results.record import exit_status, link_latest, prepare_out
-    from harness.results.views import console_table, junit_xml
+    from harness.hostvm.run import inner_args
 
-    if args.accel == "tcg":
-        raise UsageError("--in-hostvm runs with --accel kvm inside the host VM; drop --accel tcg")
     for bad in ("dst_host", "matrix"):
         if getattr(args, bad, None):
             raise UsageError(f"--in-hostvm does not combine with --{bad.replace('_', '-')}")
-    p = prepare_from(args)
+    return cmd_in_hostvm(args, "run", inner_args(after_command(raw, "run")),
+                         deadline_s=args.hostvm_deadline)
+
+
+def after_command(raw: list[str], command: str) -> list[str]:
+    """What the user typed after the command's name (all of it when the name is absent)."""
+    return raw[raw.index(command) + 1:] if command in raw else list(raw)
+
+
+def cmd_in_hostvm(args: argparse.Namespace, command: str, inner: list[str], *,
+                  deadline_s: float | None, extra_trees: tuple[Path, ...] = (),
+                  notes: list[str] | None = None) -> int:
+    """`COMMAND --in-hostvm`: one host VM runs `nestvirt COMMAND --accel kvm INNER`; its
+    results come back into --out in the one schema. Exit 2 when the host VM itself failed."""
+    from harness.hostvm.run import run_in_hostvm
+    from harness.results.record import exit_status, link_latest, prepare_out
+    from harness.results.views import console_table, junit_xml
+
+    if getattr(args, "accel", None) == "tcg":
+        raise UsageError("--in-hostvm runs with --accel kvm inside the host VM; drop --accel tcg")
+    p = prepare_from(args, extra_trees=extra_trees)
     out = prepare_out(args.out)
-    inner = inner_args(raw[raw.index("run") + 1:] if "run" in raw else raw)
+    for note in notes or [] if not args.json else []:
+        print(f"nestvirt: {note}", file=sys.stderr)
     if not args.json:
         print(f"nestvirt: host VM: QEMU {p.spec.qemu_version} TCG -cpu {p.spec.cpu}, "
-              f"{p.spec.mem_mib} MiB, {p.spec.smp} vCPUs; inside: run --accel kvm "
+              f"{p.spec.mem_mib} MiB, {p.spec.smp} vCPUs; inside: {command} --accel kvm "
               f"{' '.join(inner)}", file=sys.stderr)
 
     def show(ev: dict[str, str]) -> None:
         if not args.json and ev["event"] in ("ready", "job-done", "fatal"):
             print(f"nestvirt: host VM {ev['event']} at {ev['t']}s", file=sys.stderr)
 
-    _, results, _ = run_in_hostvm(p, inner, out, deadline_s=args.hostvm_deadline,
+    _, results, _ = run_in_hostvm(p, inner, out, command=command, deadline_s=deadline_s,
                                   on_event=show)
     (out / "junit.xml").write_text(junit_xml(results))
     link_latest(out)
@@ -147,8 +165,63 @@ def cmd_run_in_hostvm(args: argparse.Namespace, raw: list[str]) -> int:
         print((out / "results.json").read_text())
     else:
         print(console_table(results))
+        _print_vmexit_figures(results)
         print(f"results: {out / 'results.json'}")
     if fatal:
         print(f"nestvirt: error: {results[0].reason}", file=sys.stderr)
         return 2
     return exit_status(results)
+
+
+def _print_vmexit_figures(results) -> None:
+    from harness.vmexit.plan import SCENARIO
+    from harness.vmexit.stats import figures_table
+
+    for r in results:
+        if r.scenario == SCENARIO and r.metrics.get("figures") is not None:
+            print(figures_table(r))
+
+
+# Bounds on the whole host VM run for the other commands (the host VM's boot and the inner
+# Python's start included): per selftest, its own deadline plus its process's start under TCG.
+SELFTEST_START_S = 15
+SELFTEST_FIXED_S = 240
+VMEXIT_BOUND_S = 1500
+# vmexit's KVM loop sizes are for hardware; in the host VM a nested exit runs through TCG
+# (measured: see README), so a run the user did not size gets these.
+HOSTVM_VMEXIT_DEFAULTS = {"--iters": "2000", "--reports": "6", "--repeat": "2"}
+
+
+def cmd_selftest_in_hostvm(args: argparse.Namespace, raw: list[str], build, names: list[str],
+                           timeout_s: float) -> int:
+    """`selftest --in-hostvm`: the tests built here (cached) are carried into the host VM and
+    run there with `selftest --on host` (the host VM's own KVM), unless --on l1 was typed."""
+    from harness.hostvm.run import inner_args
+
+    ok = [build.get(n) for n in names if build.get(n).ok]
+    failed = [n for n in names if not build.get(n).ok]
+    if not ok:
+        raise UsageError("--in-hostvm: none of the selected selftests built")
+    bins = build.dir / "bin" if (build.dir / "bin").is_dir() else build.dir
+    inner = inner_args(after_command(raw, "selftest"),
+                       drop_valued=("--kernel-tree", "--selftests", "--filter", "--timeout"))
+    inner += ["--selftests", str(bins), "--filter", ",".join(t.name for t in ok),
+              "--timeout", f"{timeout_s:g}"]
+    if not any(a == "--on" or a.startswith("--on=") for a in inner):
+        inner += ["--on", "host"]
+    bound = args.hostvm_deadline or SELFTEST_FIXED_S + len(ok) * (timeout_s + SELFTEST_START_S)
+    return cmd_in_hostvm(args, "selftest", inner, deadline_s=bound, extra_trees=(bins,),
+                         notes=[f"not built, left out: {', '.join(failed)}"] if failed else [])
+
+
+def cmd_vmexit_in_hostvm(args: argparse.Namespace, raw: list[str]) -> int:
+    """`vmexit --in-hostvm`: the exit-cost loops on the host VM's KVM (SVM); the figures come
+    back labelled emulated (the host VM's CPU is TCG)."""
+    from harness.hostvm.run import inner_args
+
+    inner = inner_args(after_command(raw, "vmexit"))
+    for opt, value in HOSTVM_VMEXIT_DEFAULTS.items():
+        if not any(a == opt or a.startswith(opt + "=") for a in inner):
+            inner += [opt, value]
+    return cmd_in_hostvm(args, "vmexit", inner,
+                         deadline_s=args.hostvm_deadline or VMEXIT_BOUND_S)

@@ -63,9 +63,11 @@ def image_trees(inv: Inventory, l1: L1Image) -> list[Path]:
 
 def prepare(*, kernel: str | None = None, modules: str | None = None, qemu: str | None = None,
             mem_mib: int = DEFAULT_MEM_MIB, smp: int = DEFAULT_SMP, cpu: str = "max",
-            tcg_thread: str = DEFAULT_TCG_THREAD, npt: bool = True, build: bool = True) -> Prepared:
+            tcg_thread: str = DEFAULT_TCG_THREAD, npt: bool = True, build: bool = True,
+            extra_trees: tuple[Path, ...] = ()) -> Prepared:
     """Everything a host VM boot needs, built or reused. ``build=False`` builds nothing and
-    raises SetupError when the image is missing (``hostvm status``)."""
+    raises SetupError when the image is missing (``hostvm status``). ``extra_trees``: more
+    directories the inner command needs at their host paths (built selftests)."""
     t0 = time.monotonic()
     k: Kernel = find_kernel(kernel, modules)
     tools = build_tools()
@@ -80,7 +82,7 @@ def prepare(*, kernel: str | None = None, modules: str | None = None, qemu: str 
         # The inner Python reads bytecode from the read-only image: compile it here once.
         for d in (REPO / "harness",):
             compileall.compile_dir(str(d), quiet=1, workers=1)
-    chosen = files.select(extra_trees=image_trees(inv, l1),
+    chosen = files.select(extra_trees=[*image_trees(inv, l1), *extra_trees],
                           binaries=[Path(x.binary) for x in inv.qemus])
     key = selection_key(chosen)
     seconds["select"] = round(time.monotonic() - t1, 2)

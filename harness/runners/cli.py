@@ -157,6 +157,13 @@ def _add_vmexit_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--out", type=Path, help="results directory (default results/<time>)")
     v.add_argument("--json", action="store_true", help="print results.json instead of a table")
     _add_qemu_option(v)
+    v.add_argument("--in-hostvm", action="store_true",
+                   help="measure inside the KVM host VM with --accel kvm: real KVM (SVM) "
+                        "exits, but the host VM's CPU is TCG, so every figure is labelled "
+                        "emulated")
+    from harness.hostvm.command import add_hostvm_options
+
+    add_hostvm_options(v)
 
 
 def _add_selftest_parser(sub: argparse._SubParsersAction) -> None:
@@ -190,6 +197,13 @@ def _add_selftest_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", type=Path, help="results directory (default results/<time>)")
     s.add_argument("--json", action="store_true", help="print results.json instead of a table")
     _add_qemu_option(s)
+    s.add_argument("--in-hostvm", action="store_true",
+                   help="run inside the KVM host VM (booted here under TCG) with --accel kvm: "
+                        "--on host there runs the tests against the host VM's own KVM (real "
+                        "kvm-amd, not nested under the test's L1); built here first")
+    from harness.hostvm.command import add_hostvm_options
+
+    add_hostvm_options(s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,6 +503,10 @@ def cmd_vmexit(args: argparse.Namespace) -> int:
         problems = dependency_problems(parse_hv_list(hv))
         if problems:
             raise UsageError(f"enlightenments {hv}: " + "; ".join(problems))
+    if args.in_hostvm:
+        from harness.hostvm.command import cmd_vmexit_in_hostvm
+
+        return cmd_vmexit_in_hostvm(args, args.raw_argv)
     kernel = find_kernel(args.kernel, args.modules)
     facts = probe_host(args.accel, args.qemu)
     out = prepare_out(args.out)
@@ -537,6 +555,11 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         for t in map(build.get, names):
             print(f"{t.name:36} {'built' if t.ok else 'BUILD FAILED: ' + t.error}")
         return 0
+    if args.in_hostvm:
+        from harness.hostvm.command import cmd_selftest_in_hostvm
+
+        timeout = args.timeout or build.timeout_s or st.DEFAULT_TIMEOUT_S
+        return cmd_selftest_in_hostvm(args, args.raw_argv, build, names, timeout)
     facts = probe_host(args.accel, args.qemu)
     out = prepare_out(args.out)
     profile = resolve_profile(args.profile, None, l1_nested=facts.l1_nested, vendor=facts.vendor)

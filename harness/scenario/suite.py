@@ -65,7 +65,8 @@ SCENARIOS["dirty-limit"] = ScenarioSpec(
                 "faster than the stream, at the same cap below the stream measured first; KVM "
                 "only (the KVM host VM)",
     state="plain", smp=2, mem_mib=256,
-    checks=("stream-measured", "dirty-ring-rate", "migration-completed-dirty-limit",
+    checks=("stream-measured", "dirty-ring-rate", "workload-outruns-stream",
+            "migration-completed-dirty-limit",
             "throttle-engaged-dirty-limit", "migration-completed-auto-converge",
             "throttle-engaged-auto-converge", "guest-progress-measured",
             "l1-workload-pattern"))

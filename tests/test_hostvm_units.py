@@ -302,6 +302,7 @@ def test_comparison_plan_keeps_the_cap_below_the_stream_and_the_limit_below_the_
     from harness.bench import dirtylimit as dl
 
     assert dl.comparison_plan(40.0, 2) == (20, 5)
+    assert dl.comparison_plan(12.0, 2) == (6, dl.LIMIT_FLOOR_MB)
     assert dl.comparison_plan(1.0, 2) == (dl.CAP_FLOOR_MIB, dl.LIMIT_FLOOR_MB)
     assert dl.comparison_plan(1000.0, 2)[0] == dl.CAP_CEIL_MIB
     cap, limit = dl.comparison_plan(23.0, 2)

@@ -107,12 +107,29 @@ def test_prune_removes_unused_images_and_leftovers_only(tmp_path: Path,
     assert sorted(x.name for x in root.iterdir() if not x.name.startswith(".")) == ["fresh", "kept"]
 
 
-def test_a_stream_qemu_refuses_is_unusable_and_nothing_is_left(ctx: RunContext, tmp_path: Path):
-    # Right digest, right size, wrong bytes for QEMU: the load itself must fail, and say so.
+def test_load_uri_is_file_only_where_the_qemu_reads_files():
+    p = Path("/cache/l1-snapshots/k/l1.stream")
+    assert snapshot.load_uri(p, True) == f"file:{p}"
+    assert snapshot.load_uri(p, False) == f"exec:cat {p}"
+    # file: takes options after a comma: such a path goes through cat, quoted.
+    odd = Path("/cache/a,b/l1 stream")
+    assert snapshot.load_uri(odd, True) == "exec:cat '/cache/a,b/l1 stream'"
+    assert snapshot.reads_files(frozenset({"mapped-ram", "events"}))
+    assert not snapshot.reads_files(frozenset({"compress", "events"}))  # 7.2's set
+
+
+@pytest.mark.parametrize("file_uri", [False, True], ids=["exec", "file"])
+def test_a_stream_qemu_refuses_is_unusable_and_nothing_is_left(ctx: RunContext, tmp_path: Path,
+                                                               file_uri: bool):
+    # Right digest, right size, wrong bytes for QEMU: the load itself must fail, and say so,
+    # whichever way QEMU reads the file.
+    if file_uri and not snapshot.reads_files(ctx.host.qemu.migration_capabilities):
+        pytest.skip(f"QEMU {ctx.host.qemu.version} has no file: migration (no mapped-ram)")
     img = _write_image(tmp_path / "bad", "k", b"QEVM" + b"garbage" * 1000)
     cfg = replace(l1_config(ctx, "src", None, cpu=ctx.host.l1_cpu), control=True)
     with pytest.raises(snapshot.SnapshotUnusable, match="did not take"):
-        snapshot.restore(cfg, img, lambda c: launch_config(c, tmp_path), timeout=20)
+        snapshot.restore(cfg, img, lambda c: launch_config(c, tmp_path), timeout=20,
+                         file_uri=file_uri)
 
 
 def test_nvrekey_refuses_a_malformed_line_before_touching_anything():
@@ -134,9 +151,12 @@ def test_image_built_once_reused_rekeyed_and_rebuilt_when_corrupt(
     run_a, run_b = RunKey.generate(), RunKey.generate()
     started = []
 
-    def start(key: RunKey, **kw) -> l1start.StartedL1:
+    reads_files = snapshot.reads_files(ctx.host.qemu.migration_capabilities)
+
+    def start(key: RunKey, file_uri: bool = reads_files) -> l1start.StartedL1:
         s = l1start.start_l1(cfg, key, lambda c: launch_config(c, tmp_path), start="snapshot",
-                             qemu_version=ctx.host.qemu.version, build_key=saver, **kw)
+                             qemu_version=ctx.host.qemu.version, build_key=saver,
+                             file_uri=file_uri)
         started.append(s)
         return s
 
@@ -144,7 +164,10 @@ def test_image_built_once_reused_rekeyed_and_rebuilt_when_corrupt(
         a = start(run_a)
         assert a.record["start"] == "snapshot" and a.record["built"], a.record
         assert a.ready.get("kvm") == "yes"
-        b = start(run_b)
+        # B loads the same image the other way (through cat): both loads give a whole L1.
+        b = start(run_b, file_uri=False)
+        assert b.record["load"] == "exec" and a.record["load"] == (
+            "file" if reads_files else "exec")
         assert not b.record["built"] and b.record["image"] == a.record["image"]
         # Run B's L1 takes only run B's key: not the saving boot's, not run A's.
         b.shell(run_b, timeout=10).close()

@@ -32,6 +32,7 @@ from harness.scenario.hv_checks import enlightenment_checks
 from harness.scenario.l1start import StartedL1, start_l1
 from harness.scenario.result import ScenarioResult, Timer, execute_guarded, finish
 from harness.scenario.spec import ScenarioSpec, Variant
+from harness.vm import snapshot
 from harness.vm.guestmode import SvmTrace
 from harness.vm.machine import Machine, MachineConfig, QmpCommandError
 from harness.vm.migration import MigrationOutcome, migrate, summarize_stats
@@ -223,7 +224,8 @@ class _ScenarioRun:
         started = start_l1(self._config("src", tcg_svm_log), self.key,
                            lambda cfg: launch_config(cfg, self.workdir), start=self.ctx.start,
                            qemu_version=src.version if src else "",
-                           boot_timeout=self.ctx.boot_timeout)
+                           boot_timeout=self.ctx.boot_timeout,
+                           file_uri=bool(src) and snapshot.reads_files(src.migration_capabilities))
         self.host_key = started.host_key
         self.res.params["start"] = started.record
         return started
@@ -666,7 +668,8 @@ def start_run_l1(ctx: RunContext, name: str, workdir: Path, key: RunKey, *, cpu:
     image, or booted cold), running and holding ``key``; reap with its machine's shutdown()."""
     return start_l1(l1_config(ctx, name, None, cpu=cpu, mem_mib=mem_mib, smp=smp), key,
                     lambda cfg: launch_config(cfg, workdir), start=ctx.start,
-                    qemu_version=ctx.host.qemu.version, boot_timeout=ctx.boot_timeout)
+                    qemu_version=ctx.host.qemu.version, boot_timeout=ctx.boot_timeout,
+                    file_uri=snapshot.reads_files(ctx.host.qemu.migration_capabilities))
 
 
 def l1_config(ctx: RunContext, name: str, key: RunKey | None, *, cpu: str, mem_mib: int = 512,

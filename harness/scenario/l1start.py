@@ -57,7 +57,7 @@ class StartedL1:
 
 def start_l1(cfg: MachineConfig, key: RunKey, launch: Callable[[MachineConfig], Machine], *,
              start: str = "snapshot", qemu_version: str = "", boot_timeout: float = 60.0,
-             build_key: RunKey | None = None) -> StartedL1:
+             build_key: RunKey | None = None, file_uri: bool = False) -> StartedL1:
     """Start one L1 from ``cfg`` (its append without any key: the key is this run's and
     arrives on the command line of a cold boot, or through the control port of a restore).
 
@@ -65,7 +65,8 @@ def start_l1(cfg: MachineConfig, key: RunKey, launch: Callable[[MachineConfig], 
     this configuration (building it first when there is none, or it is stale or corrupt: a
     refused image is discarded and built again, once), reseed, set the clock, install this
     run's key and a new host key. ``build_key``: the key the boot that is saved logs in with
-    (default: one made and forgotten here). On failure nothing is left running."""
+    (default: one made and forgotten here). ``file_uri``: the QEMU loads the image from a
+    file: URI (snapshot.reads_files). On failure nothing is left running."""
     if start not in STARTS:
         raise NestvirtError(f"unknown start {start!r} ({', '.join(STARTS)})")
     if start == "cold":
@@ -77,11 +78,12 @@ def start_l1(cfg: MachineConfig, key: RunKey, launch: Callable[[MachineConfig], 
             raise
         return StartedL1(m, ready, None, {"start": "cold"})
     return _from_snapshot(cfg, key, launch, qemu_version, boot_timeout,
-                          build_key or RunKey.generate())
+                          build_key or RunKey.generate(), file_uri)
 
 
 def _from_snapshot(cfg: MachineConfig, key: RunKey, launch: Callable[[MachineConfig], Machine],
-                   qemu_version: str, boot_timeout: float, build_key: RunKey) -> StartedL1:
+                   qemu_version: str, boot_timeout: float, build_key: RunKey,
+                   file_uri: bool) -> StartedL1:
     snap_cfg = replace(cfg, control=True, incoming=False)
     # The boot that is saved gets a key of its own, never kept: it logs in once to see the
     # guest programs are there; a restore replaces it (and the host key) with the run's.
@@ -98,7 +100,8 @@ def _from_snapshot(cfg: MachineConfig, key: RunKey, launch: Callable[[MachineCon
                                        recipe=RECIPE, timeout=boot_timeout)
         t_built = time.monotonic() - t0
         try:
-            m = snapshot.restore(snap_cfg, image, launch, timeout=boot_timeout)
+            m = snapshot.restore(snap_cfg, image, launch, timeout=boot_timeout,
+                                 file_uri=file_uri)
         except snapshot.SnapshotUnusable as e:
             if attempt == 2:
                 raise
@@ -113,7 +116,7 @@ def _from_snapshot(cfg: MachineConfig, key: RunKey, launch: Callable[[MachineCon
             raise
         rec = {"start": "snapshot", "image": image.key, "built": built,
                "build_s": round(t_built, 3) if built else 0.0,
-               "rekey_s": round(time.monotonic() - t1, 3)}
+               "rekey_s": round(time.monotonic() - t1, 3), "load": "file" if file_uri else "exec"}
         if why_rebuilt:
             rec["rebuilt_because"] = why_rebuilt[:300]
         return StartedL1(m, dict(image.ready), announced, rec)
@@ -150,8 +153,10 @@ def _prepare(m: Machine, build_key: RunKey, boot_timeout: float) -> dict[str, st
 def _rekey(m: Machine, key: RunKey, timeout: float) -> paramiko.PKey:
     """Resume the restored L1 and give it this run's secrets; return the host key to pin."""
     nonce, host = new_nonce(), HostKey.generate()
-    m.qmp("cont")
+    # The line first: it waits in the control socket and L1 reads it as soon as it runs (one
+    # round trip less than continuing first).
     m.send_control(key.rekey_line(nonce, host))
+    m.qmp("cont")
     deadline = time.monotonic() + timeout
     while True:
         for ev, kv in m.guest_events():
@@ -165,4 +170,4 @@ def _rekey(m: Machine, key: RunKey, timeout: float) -> paramiko.PKey:
             raise StepTimeout(f"{m.config.name} QEMU exited after restore: {m.error_line()}")
         if time.monotonic() > deadline:
             raise StepTimeout(f"restored L1 did not answer the rekey in {timeout:g}s")
-        time.sleep(0.01)
+        time.sleep(0.003)

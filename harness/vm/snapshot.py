@@ -267,12 +267,24 @@ def _digest_once(path: Path) -> str:
     return _VERIFIED[ident]
 
 
+def reads_files(migration_capabilities: frozenset[str] | set[str]) -> bool:
+    """Whether a QEMU loads a stream from a ``file:`` URI itself. The schema names no
+    transports, but mapped-ram (9.0) works over file: only, and file: came before it (8.2):
+    a binary with mapped-ram has it. 7.2 has neither and loads through ``exec:cat``."""
+    return "mapped-ram" in migration_capabilities
+
+
 def restore(cfg: MachineConfig, image: SnapshotImage,
-            launch: Callable[[MachineConfig], Machine], timeout: float = 60.0) -> Machine:
+            launch: Callable[[MachineConfig], Machine], timeout: float = 60.0, *,
+            file_uri: bool = False) -> Machine:
     """A machine started from the image, loaded and paused (the caller continues it once it
     is ready to make it its own). The stream's digest is checked while QEMU loads it (once per
     process and stream as it is on disk). SnapshotUnusable (the machine already reaped) when
-    QEMU refuses it or the bytes differ."""
+    QEMU refuses it or the bytes differ.
+
+    ``file_uri`` (see reads_files): QEMU reads the file itself, with no cat process and no
+    pipe between: 0.095-0.118 s against 0.126-0.170 s through exec:cat (QEMU 10.0.2, a 104 MB
+    stream, 3 loads each, alternated). The stream is the same either way."""
     m = launch(replace(cfg, incoming=True))
     digest: dict[str, str] = {}
 
@@ -287,7 +299,7 @@ def restore(cfg: MachineConfig, image: SnapshotImage,
         try:
             m.qmp("migrate-set-capabilities",
                   capabilities=[{"capability": "events", "state": True}])
-            m.qmp("migrate-incoming", uri=f"exec:{_load_command(image.stream)}")
+            m.qmp("migrate-incoming", uri=load_uri(image.stream, file_uri))
             _wait_migration(m, timeout, "loading the image")
             status = m.qmp("query-status")["status"]
         except (StepTimeout, QmpCommandError) as e:
@@ -326,5 +338,8 @@ def _save_command(path: Path) -> str:
     return f"cat > {shlex.quote(str(path))}"
 
 
-def _load_command(path: Path) -> str:
-    return f"cat {shlex.quote(str(path))}"
+def load_uri(path: Path, file_uri: bool) -> str:
+    """The -incoming URI a restore loads ``path`` from (see reads_files)."""
+    if file_uri and "," not in str(path):  # file: takes options after a comma
+        return f"file:{path}"
+    return f"exec:cat {shlex.quote(str(path))}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -82,6 +83,7 @@ def test_stale_or_half_made_images_are_never_used(tmp_path: Path):
     img = _write_image(d, "k1", b"x" * 100)
     assert snapshot.stale_reason(d, "k1") is None
     assert snapshot.SnapshotImage.from_json(img.to_json()) == img  # the record's codec
+    assert snapshot.SnapshotImage.from_json(replace(img, quiet_s=0.4).to_json()).quiet_s == 0.4
     assert "not k2" in snapshot.stale_reason(d, "k2")
     _write_image(d, "k1", b"x" * 100, format=snapshot.SNAPSHOT_FORMAT - 1)
     assert "format" in snapshot.stale_reason(d, "k1")
@@ -164,6 +166,10 @@ def test_image_built_once_reused_rekeyed_and_rebuilt_when_corrupt(
         a = start(run_a)
         assert a.record["start"] == "snapshot" and a.record["built"], a.record
         assert a.ready.get("kvm") == "yes"
+        # It was saved once L1 had gone idle (what it still had to do would be redone at
+        # every restore).
+        meta = json.loads((snapshot.image_dir(a.record["image"]) / snapshot.META).read_text())
+        assert meta["quiet_s"] is not None, meta
         # B loads the same image the other way (through cat): both loads give a whole L1.
         b = start(run_b, file_uri=False)
         assert b.record["load"] == "exec" and a.record["load"] == (
@@ -214,3 +220,32 @@ def test_paused_identity_passes_from_either_start(ctx: RunContext, start: str):
     assert r.params["start"]["start"] == start
     if start == "snapshot":
         assert len(r.params["start"]["image"]) == 16
+
+
+def test_wait_vcpus_idle_tells_a_busy_vcpu_from_an_idle_one():
+    # A thread of this process named like a QEMU vCPU: busy, then sleeping.
+    assert snapshot.wait_vcpus_idle(None, 1.0) is None
+    assert snapshot.wait_vcpus_idle(os.getpid(), 0.5) is None  # no vCPU thread to watch
+    state = {"busy": True, "stop": False}
+    named = threading.Event()
+
+    def vcpu() -> None:
+        Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text("CPU 0/TEST")
+        named.set()
+        while not state["stop"]:
+            if state["busy"]:
+                sum(range(10_000))
+            else:
+                time.sleep(0.01)
+
+    t = threading.Thread(target=vcpu, daemon=True)
+    t.start()
+    try:
+        assert named.wait(5)
+        assert snapshot.wait_vcpus_idle(os.getpid(), 0.8) is None  # busy all along
+        state["busy"] = False
+        took = snapshot.wait_vcpus_idle(os.getpid(), 5.0)
+        assert took is not None and took < 5.0
+    finally:
+        state["stop"] = True
+        t.join(5)

@@ -34,7 +34,7 @@ from harness.core.paths import TEMPLATES
 from harness.vm.machine import Machine, MachineConfig, QmpCommandError
 
 # Bump when what a saved image holds or how it is made changes: older images are then stale.
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 STREAM = "l1.stream"
 META = "image.json"
 # An image no start used for this long goes when another is built (each is ~100 MB; every
@@ -59,6 +59,7 @@ class SnapshotImage:
     qemu_version: str = ""
     created: float = 0.0
     save_seconds: float = 0.0
+    quiet_s: float | None = None  # how long the vCPUs took to go idle before the save (None: never)
     ready: dict[str, str] = field(default_factory=dict)  # what prepare() returned at save time
     inputs: dict[str, Any] = field(default_factory=dict)  # what the key was computed from
 
@@ -79,6 +80,7 @@ class SnapshotImage:
                    qemu_version=str(d.get("qemu_version", "")),
                    created=float(d.get("created", 0.0)),
                    save_seconds=float(d.get("save_seconds", 0.0)),
+                   quiet_s=None if d.get("quiet_s") is None else float(d["quiet_s"]),
                    ready={str(k): str(v) for k, v in (d.get("ready") or {}).items()},
                    inputs=dict(d.get("inputs") or {}))
 
@@ -225,6 +227,7 @@ def _build(cfg: MachineConfig, qemu_version: str, recipe: str, key: str, d: Path
     m = launch(replace(cfg, incoming=False, control=False, tcg_svm_log=None))
     try:
         ready = prepare(m)
+        quiet_s = wait_vcpus_idle(m.pid, timeout)
         t0 = time.monotonic()
         # Stopped first: one pass, and the vCPU is where prepare() left it (L1 idle, no L2: a
         # vCPU saved in SVM guest mode could not be restored under TCG).
@@ -241,12 +244,61 @@ def _build(cfg: MachineConfig, qemu_version: str, recipe: str, key: str, d: Path
         os.fsync(f.fileno())
     img = SnapshotImage(key=key, dir=d, sha256=file_digest(stream), size=stream.stat().st_size,
                         qemu_version=qemu_version, created=time.time(),
-                        save_seconds=round(save_s, 3), ready=dict(ready),
+                        save_seconds=round(save_s, 3), quiet_s=quiet_s, ready=dict(ready),
                         inputs=key_inputs(cfg, qemu_version, recipe))
     os.chmod(stream, 0o444)  # a restore reads it; nothing writes it again
     (tmp / META).write_text(json.dumps(img.to_json(), indent=2))
     tmp.rename(d)
     return img
+
+
+# A vCPU counts as idle below this share of one CPU over one window (a halted TCG vCPU thread
+# sleeps; an idle guest's timer ticks keep it just above 0).
+IDLE_SHARE = 0.05
+IDLE_WINDOW_S = 0.2
+
+
+def _vcpu_ns(pid: int) -> int | None:
+    """CPU nanoseconds of a QEMU's vCPU threads (named "CPU N/ACCEL" with debug-threads)."""
+    total, found = 0, False
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if not f.read().startswith("CPU "):
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+            found = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total if found else None
+
+
+def wait_vcpus_idle(pid: int | None, timeout: float) -> float | None:
+    """Wait until the machine's vCPUs are idle (under IDLE_SHARE over IDLE_WINDOW_S); return
+    the seconds it took, or None when they were not within ``timeout`` (or cannot be seen).
+
+    Why before a save: what the guest still had to do when it was stopped (the closing SSH
+    session, freeing the zeroed pages) is done again after every restore, under TCG with an
+    empty translation cache, before anything of the run: re-keying the restored L1 took
+    114-124 ms of guest time to answer even a malformed line, 9 ms the second time."""
+    if pid is None:
+        return None
+    t0 = time.monotonic()
+    prev = _vcpu_ns(pid)
+    while prev is not None and time.monotonic() - t0 < timeout:
+        time.sleep(IDLE_WINDOW_S)
+        now = _vcpu_ns(pid)
+        if now is None:
+            return None
+        if now - prev < IDLE_SHARE * IDLE_WINDOW_S * 1e9:
+            return round(time.monotonic() - t0, 3)
+        prev = now
+    return None
 
 
 # Streams whose digest this process checked, by (path, inode, size, mtime): a write to one

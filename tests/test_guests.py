@@ -82,14 +82,19 @@ def test_l1work_oracle_verifies_then_catches_corruption(tmp_path: Path):
         p.wait(timeout=10)
 
 
+def panicking_l1(ctx: RunContext, tmp_path: Path) -> Machine:
+    """An L1 with no init in reach: its kernel panics at boot (panic=-1 asks for a reboot)."""
+    cfg = MachineConfig(name="l1", qemu=ctx.qemu, accel=ctx.accel, cpu=ctx.l1_cpu(NO_PROFILE),
+                        kernel=ctx.image.kernel.image, initrd=ctx.image.initramfs,
+                        append="console=ttyS0 panic=-1 rdinit=/nonexistent root=/dev/nonexistent")
+    return Machine(cfg, tmp_path, free_port())
+
+
 @pytest.mark.qemu
 def test_an_l1_that_panics_at_boot_says_so_not_just_exit_0(ctx: RunContext, tmp_path: Path):
     # No init in reach: the kernel panics, panic=-1 under -no-reboot ends QEMU with 0 and no
     # stderr. The boot error must carry the panic from L1's console.
-    cfg = MachineConfig(name="l1", qemu=ctx.qemu, accel=ctx.accel, cpu=ctx.l1_cpu(NO_PROFILE),
-                        kernel=ctx.image.kernel.image, initrd=ctx.image.initramfs,
-                        append="console=ttyS0 panic=-1 rdinit=/nonexistent root=/dev/nonexistent")
-    m = Machine(cfg, tmp_path, free_port())
+    m = panicking_l1(ctx, tmp_path)
     try:
         m.launch(timeout=20)
         with pytest.raises(StepTimeout) as e:
@@ -161,10 +166,7 @@ def test_with_reset_registers_on_a_reset_l1_is_dumped_and_ends_as_before(
     from harness.vm import resetwatch
 
     monkeypatch.setenv(resetwatch.ENV, "1")
-    cfg = MachineConfig(name="l1", qemu=ctx.qemu, accel=ctx.accel, cpu=ctx.l1_cpu(NO_PROFILE),
-                        kernel=ctx.image.kernel.image, initrd=ctx.image.initramfs,
-                        append="console=ttyS0 panic=-1 rdinit=/nonexistent root=/dev/nonexistent")
-    m = Machine(cfg, tmp_path, free_port())
+    m = panicking_l1(ctx, tmp_path)
     try:
         m.launch(timeout=20)
         assert "reboot=shutdown,shutdown=pause" in m.argv and "-no-reboot" not in m.argv

@@ -16,10 +16,11 @@ from harness.hostvm.files import with_parents_links
 from harness.hostvm.image import selection_key, stage_files
 from harness.hostvm.initramfs import render_init
 from harness.hostvm.job import INNER_OUT, render_job
-from harness.hostvm.run import inner_args, inner_path, variant_count
+from harness.hostvm.run import inner_args, inner_path, inner_refused, variant_count
 from harness.hostvm.vm import (
     MIN_MEM_MIB,
     HostVmSpec,
+    Outcome,
     check_spec,
     make_exchange,
     parse_event,
@@ -137,6 +138,10 @@ def test_bad_host_vm_shapes_are_refused(tmp_path: Path):
         check_spec(_spec(tmp_path, cpu="max,-svm"))
     with pytest.raises(UsageError, match="one of single, multi"):
         check_spec(_spec(tmp_path, tcg_thread="many"))
+    check_spec(_spec(tmp_path, kvm_amd=("vls=0", "vgif=0")))
+    for bad in ("vls", "vls=no", "sev=1", "npt=0;reboot"):
+        with pytest.raises(UsageError, match="--hostvm-kvm-amd"):
+            check_spec(_spec(tmp_path, kvm_amd=(bad,)))
 
 
 def test_tcg_threading_and_npt_reach_the_outer_qemu(tmp_path: Path):
@@ -147,6 +152,20 @@ def test_tcg_threading_and_npt_reach_the_outer_qemu(tmp_path: Path):
     assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
     assert argv[argv.index("-append") + 1].endswith(" nestvirt.kvm_amd=npt=0")
     assert _spec(tmp_path, npt=False).to_json()["npt"] is False
+    argv = qemu_argv(_spec(tmp_path, npt=False, kvm_amd=("vls=0", "vgif=0")), tmp_path,
+                     tmp_path / "x", 1)
+    assert argv[argv.index("-append") + 1].endswith(" nestvirt.kvm_amd=npt=0,vls=0,vgif=0")
+
+
+def test_an_inner_command_that_did_not_run_is_an_error_with_its_line():
+    """Seen: selftest --in-hostvm's inner run exited 2 (a program missing in the image) after
+    writing an empty results.json, and the outer run said "no scenarios", exit 0."""
+    console = ["[1/12] cpuid_test ...", "nestvirt: error: program not found: dmesg",
+               "[   17.25] reboot: Power down"]
+    r = inner_refused(Outcome("ok", job_rc=2), "selftest", console)
+    assert r.verdict == "error"
+    assert r.reason == "the inner selftest exited 2: nestvirt: error: program not found: dmesg"
+    assert "without an error line" in inner_refused(Outcome("ok", job_rc=130), "run", []).reason
 
 
 def test_exchange_round_trip_and_escapes_refused(tmp_path: Path):

@@ -144,6 +144,15 @@ def test_loop_run_discards_warmup_and_carries_nvmm_stderr():
     assert short.error and "warm-up" in short.error and not short.samples
 
 
+def test_a_kvm_on_an_emulated_cpu_gets_the_emulated_exit_budget():
+    """Inside the KVM host VM the probe says KVM but the CPU is TCG's: the hardware budget
+    timed the L2 loop out there (12000 exits, 32 s)."""
+    assert vp.exit_budget_key("kvm", "QEMU TCG CPU version 2.5+") == "kvm-on-tcg"
+    assert vp.exit_budget_key("kvm", "AMD EPYC 7B13 64-Core Processor") == "kvm"
+    assert vp.exit_budget_key("tcg", "QEMU TCG CPU version 2.5+") == "tcg"
+    assert vp.exit_budget_key("hvf", "") == "tcg"
+    assert vp._EXIT_BUDGET_S["kvm-on-tcg"] > vp._EXIT_BUDGET_S["tcg"] > vp._EXIT_BUDGET_S["kvm"]
+
 def test_loop_commands_pick_the_vendor_native_hypercall():
     vm = vp.Loop("l2", "vmcall")
     assert vm.command("svm", 10, 3).endswith("payloads/vmcallloop.bin --iters 10 --reports 3")

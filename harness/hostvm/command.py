@@ -25,6 +25,9 @@ def add_hostvm_options(p: argparse.ArgumentParser) -> None:
                    help=f"TCG vCPU threading of the host VM (default {DEFAULT_TCG_THREAD})")
     p.add_argument("--hostvm-npt", choices=("on", "off"), default="on",
                    help="the host VM's KVM on TCG's nested paging (on) or shadow paging (off)")
+    p.add_argument("--hostvm-kvm-amd", metavar="OPT=V[,OPT=V]", default="",
+                   help="more kvm_amd options in the host VM (e.g. vls=0,vgif=0: leave one of "
+                   "TCG's emulated SVM features unused)")
     p.add_argument("--hostvm-qemu", metavar="NAME|PATH",
                    help="the outer QEMU (default: the inventory's newest)")
     p.add_argument("--hostvm-deadline", type=float, metavar="S",
@@ -52,7 +55,9 @@ def prepare_from(args: argparse.Namespace, build: bool = True,
     return prepare(kernel=getattr(args, "kernel", None), modules=getattr(args, "modules", None),
                    qemu=args.hostvm_qemu, mem_mib=args.hostvm_mem, smp=args.hostvm_smp,
                    cpu=args.hostvm_cpu, tcg_thread=args.hostvm_tcg_thread,
-                   npt=args.hostvm_npt == "on", build=build, extra_trees=extra_trees)
+                   npt=args.hostvm_npt == "on",
+                   kvm_amd=tuple(o for o in args.hostvm_kvm_amd.split(",") if o),
+                   build=build, extra_trees=extra_trees)
 
 
 def cmd_hostvm(args: argparse.Namespace) -> int:

@@ -32,8 +32,10 @@ ETC = ("/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/ld
        "/etc/localtime")
 # coreutils' touch: busybox's cannot set nanoseconds (job.py puts the host's mtimes back).
 # /bin/sh and cat: QEMU's exec: migration (the L1 snapshot's save and load) runs them.
+# dmesg: `selftest --on host` reads the host VM kernel's log around each test.
 HOST_TOOLS = ("/bin/busybox", "/usr/sbin/dropbear", "/usr/bin/env", "/usr/bin/cpio",
-              "/usr/bin/touch", "/bin/sh", "/usr/bin/dash", "/usr/bin/cat")
+              "/usr/bin/touch", "/bin/sh", "/usr/bin/dash", "/usr/bin/cat",
+              "/usr/bin/dmesg")
 ELF = b"\x7fELF"
 
 

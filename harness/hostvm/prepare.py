@@ -63,8 +63,8 @@ def image_trees(inv: Inventory, l1: L1Image) -> list[Path]:
 
 def prepare(*, kernel: str | None = None, modules: str | None = None, qemu: str | None = None,
             mem_mib: int = DEFAULT_MEM_MIB, smp: int = DEFAULT_SMP, cpu: str = "max",
-            tcg_thread: str = DEFAULT_TCG_THREAD, npt: bool = True, build: bool = True,
-            extra_trees: tuple[Path, ...] = ()) -> Prepared:
+            tcg_thread: str = DEFAULT_TCG_THREAD, npt: bool = True,
+            kvm_amd: tuple[str, ...] = (), build: bool = True, extra_trees: tuple[Path, ...] = ()) -> Prepared:
     """Everything a host VM boot needs, built or reused. ``build=False`` builds nothing and
     raises SetupError when the image is missing (``hostvm status``). ``extra_trees``: more
     directories the inner command needs at their host paths (built selftests)."""
@@ -99,6 +99,7 @@ def prepare(*, kernel: str | None = None, modules: str | None = None, qemu: str 
     initrd = build_initramfs(k)
     spec = HostVmSpec(qemu=q.binary, qemu_version=q.version, module_dir=q.module_dir,
                       firmware_dirs=q.firmware_dirs, kernel=k, initramfs=initrd, image=image,
-                      mem_mib=mem_mib, smp=smp, cpu=cpu, tcg_thread=tcg_thread, npt=npt)
+                      mem_mib=mem_mib, smp=smp, cpu=cpu, tcg_thread=tcg_thread, npt=npt,
+                      kvm_amd=kvm_amd)
     check_spec(spec)
     return Prepared(spec, l1, seconds, built, keyed_mtimes(inv))

@@ -26,7 +26,8 @@ from harness.scenario.suite import SCENARIOS
 # Options of `run` that belong to the outer run (never passed inside).
 OUTER_FLAGS = ("--in-hostvm",)
 OUTER_VALUED = ("--out", "--hostvm-mem", "--hostvm-smp", "--hostvm-cpu", "--hostvm-qemu",
-                "--hostvm-tcg-thread", "--hostvm-npt", "--hostvm-deadline", "--accel")
+                "--hostvm-tcg-thread", "--hostvm-npt", "--hostvm-kvm-amd", "--hostvm-deadline",
+                "--accel")
 # Inside the host VM KVM is real kernel code, but its CPU is QEMU's TCG: a figure that would
 # say "hardware" there is still emulated below.
 HOSTVM_LABEL = ("emulated (real KVM, SVM, inside the TCG host VM): the host VM's CPU is TCG, "
@@ -156,6 +157,17 @@ def failed_run(outcome: Outcome, wanted: Sequence[str]) -> list[ScenarioResult]:
     return [r]
 
 
+def inner_refused(outcome: Outcome, command: str, console: Sequence[str]) -> ScenarioResult:
+    """An error verdict for an inner command that exited neither 0 nor 1, with its own line
+    (``nestvirt: error: ...`` on the host VM's console) when it left one."""
+    said = [ln for ln in console if ln.startswith("nestvirt: error")]
+    why = f"the inner {command} exited {outcome.job_rc}" + (f": {said[-1]}" if said else
+                                                             " without an error line")
+    r = ScenarioResult(id="hostvm", scenario="hostvm", verdict="error", reason=why)
+    r.metrics["hostvm_outcome"] = outcome.to_json()
+    return r
+
+
 def run_in_hostvm(prepared: Prepared, args: Sequence[str], out: Path, *,
                   command: str = "run", deadline_s: float | None = None,
                   on_event: Callable[[dict[str, str]], None] | None = None
@@ -197,6 +209,11 @@ def run_in_hostvm(prepared: Prepared, args: Sequence[str], out: Path, *,
         results = failed_run(outcome, args)
     else:
         results = failed_run(outcome, args)
+    if outcome.status == "ok" and outcome.job_rc not in (0, 1):
+        # 0 and 1 are the inner command's verdicts; anything else (2: bad input or setup,
+        # 130: interrupted) means it did not run what was asked, whatever it wrote first.
+        results.append(inner_refused(outcome, command, _tail(workdir / "hostvm-console.log",
+                                                             40)))
     run_info["seconds"] = round(time.monotonic() - t0, 2)
     write_results(out, host, results, {**_run_info(out), **run_info})
     return host, results, run_info

@@ -32,6 +32,10 @@ DEFAULT_SMP = 2
 # "multi" (MTTCG, QEMU's default on x86: one thread per vCPU).
 TCG_THREADS = ("single", "multi")
 DEFAULT_TCG_THREAD = "multi"
+# kvm_amd's options that select which of TCG's emulated SVM features the host VM's KVM uses
+# (the init reports each one's value in its kvm event).
+KVM_AMD_OPTIONS = ("npt", "vls", "vgif", "avic", "lbrv", "nrips", "tsc_scaling",
+                   "pause_filter_count", "intercept_smi")
 EXCHANGE_MIB = 512
 
 
@@ -51,11 +55,15 @@ class HostVmSpec:
     cpu: str = "max"
     tcg_thread: str = DEFAULT_TCG_THREAD
     npt: bool = True  # the host VM's KVM on TCG-emulated nested paging, or shadow paging
+    # More kvm_amd options ("vls=0", "vgif=0"): each turns off one SVM feature that TCG
+    # emulates for the host VM's KVM, to tell which emulation a fault comes from.
+    kvm_amd: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The host VM's identity, as results record it."""
         return {"qemu": self.qemu, "qemu_version": self.qemu_version, "accel": "tcg",
                 "cpu": self.cpu, "tcg_thread": self.tcg_thread, "npt": self.npt,
+                "kvm_amd": list(self.kvm_amd),
                 "mem_mib": self.mem_mib, "smp": self.smp,
                 "kernel": self.kernel.to_json(), "initramfs": str(self.initramfs),
                 "image": self.image.to_json()}
@@ -70,9 +78,20 @@ def check_spec(spec: HostVmSpec) -> None:
         raise UsageError(f"--hostvm-smp {spec.smp}: needs at least 1 vCPU")
     if spec.tcg_thread not in TCG_THREADS:
         raise UsageError(f"--hostvm-tcg-thread {spec.tcg_thread}: one of {', '.join(TCG_THREADS)}")
+    for opt in spec.kvm_amd:
+        name, eq, value = opt.partition("=")
+        if name not in KVM_AMD_OPTIONS or not eq or not re.fullmatch(r"[0-9]+|[YN]", value):
+            raise UsageError(f"--hostvm-kvm-amd {opt}: one of {', '.join(KVM_AMD_OPTIONS)} "
+                             "as NAME=NUMBER (e.g. vls=0)")
     if "-svm" in spec.cpu.split(",") or "svm=off" in spec.cpu.split(","):
         raise UsageError(f"--hostvm-cpu {spec.cpu}: SVM is turned off; the host VM's KVM "
                          "needs nested SVM (TCG offers no VMX)")
+
+
+def kvm_amd_arg(spec: HostVmSpec) -> str:
+    """The kernel command line's ``nestvirt.kvm_amd=a=1,b=0`` (the init passes it to insmod)."""
+    opts = ([] if spec.npt else ["npt=0"]) + list(spec.kvm_amd)
+    return f" nestvirt.kvm_amd={','.join(opts)}" if opts else ""
 
 
 def qemu_argv(spec: HostVmSpec, workdir: Path, exchange: Path, job_blocks: int) -> list[str]:
@@ -81,7 +100,7 @@ def qemu_argv(spec: HostVmSpec, workdir: Path, exchange: Path, job_blocks: int) 
             "-m", str(spec.mem_mib), "-smp", str(spec.smp), "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(spec.kernel.image), "-initrd", str(spec.initramfs),
             "-append", f"console=ttyS0 panic=-1 loglevel=4 rdinit=/init nestvirt.job_blocks={job_blocks}"
-            + ("" if spec.npt else " nestvirt.kvm_amd=npt=0"),
+            + kvm_amd_arg(spec),
             "-drive", f"file={spec.image.path},if=none,id=root,format=raw,readonly=on",
             "-device", "virtio-blk-pci,drive=root",
             "-drive", f"file={exchange},if=none,id=xchg,format=raw,cache=unsafe",

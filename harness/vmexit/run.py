@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from harness.core import slow
 from harness.core.errors import StepTimeout
 from harness.core.ports import free_port
 from harness.guest.l1 import L1Shell, RunKey
@@ -39,6 +40,7 @@ from harness.vmexit.plan import (
     Loop,
     VmexitPlan,
     default_plan,
+    exit_budget_key,
     label_for,
     plan_profiles,
 )
@@ -141,8 +143,9 @@ class _VmexitRun:
         self.runs: list[LoopRun] = []
         self.contexts: dict[tuple[str, str], dict[str, Any]] = {}
         self.label = label_for(ctx.accel)
-        acc = ctx.accel if ctx.accel in _EXIT_BUDGET_S else "tcg"
-        self.loop_timeout = 30.0 + plan.reports * plan.iters * _EXIT_BUDGET_S[acc]
+        budget = exit_budget_key(ctx.accel, ctx.host.cpu_model)
+        self.loop_timeout = slow.scaled(30.0 + plan.reports * plan.iters * _EXIT_BUDGET_S[budget])
+        acc = ctx.accel if ctx.accel in AFTER_MIGRATION_TOLERANCE_PCT else "tcg"
         self.tolerance = AFTER_MIGRATION_TOLERANCE_PCT[acc]
         self.host_keys: dict[str, Any] = {}  # machine name -> the host key its L1 was given
 

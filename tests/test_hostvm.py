@@ -94,13 +94,17 @@ def test_a_host_vm_killed_mid_run_is_a_verdict_with_its_last_words(tmp_path: Pat
 KVM_SCENARIOS = ("migrate-nested-guest-mode", "migrate-bare", "dirty-ring")
 
 
-# Two failure shapes of TCG's nested SVM emulation under this host VM's KVM, each recorded with
-# its console and results (README, "KVM host VM", findings), and not nestvirt's doing:
+# The failure shapes of TCG's nested SVM emulation under this host VM's KVM, each recorded with
+# its console and results (README, "KVM host VM", findings), and not nestvirt's doing. With
+# two host VM vCPUs they decided most runs; with one (the default now) none was seen in 17
+# runs, but they are still told apart from a real red:
 # - the host VM's own kernel dies in a KVM vCPU thread with a recursive page fault
 #   ("TASK stack guard page was hit", exc_page_fault faulting on its own %gs access while the
-#   inner L1's FS/GS are loaded): ~2 in 5 runs;
+#   inner L1's FS/GS are loaded);
 # - an inner L1 resets on its own (its QEMU exits 0 under -no-reboot with nothing on stderr
-#   and nothing bad on its console; QMP, where it was connected, said SHUTDOWN guest-reset).
+#   and nothing bad on its console; QMP said SHUTDOWN guest-reset, then host-qmp-quit from the
+#   reset watcher once it had dumped the registers);
+# - migrate-bare in one of its three shapes (bare_shape below).
 # A run with one of them is tried once more; twice in a row is a skip carrying both. Any other
 # outcome, a new shape included, is judged.
 HOST_VM_PANIC = "stack guard page was hit"
@@ -116,10 +120,13 @@ def l1_reset_seen(s: dict, out: Path) -> bool:
         return False
     art = Path(s.get("artifacts", {}).get("dir", "") or out)
     for log in art.glob("*-qmp.jsonl"):
+        # The reset watcher quits a QEMU it has dumped: that quit is its, not the guest's.
+        dumped = (art / log.name.replace("-qmp.jsonl", "-reset-registers.txt")).exists()
+        allowed = {"guest-reset", "host-qmp-quit"} if dumped else {"guest-reset"}
         for line in log.read_text(errors="replace").splitlines():
             msg = json.loads(line).get("msg", {}) if line.strip() else {}
-            if msg.get("event") == "SHUTDOWN" and msg.get("data", {}).get("reason") != \
-                    "guest-reset":
+            if msg.get("event") == "SHUTDOWN" and msg.get("data", {}).get("reason") not in \
+                    allowed:
                 return False
     return True
 
@@ -132,7 +139,12 @@ def tcg_fault(doc: dict, out: Path) -> str:
     if first.get("id") == "hostvm" and HOST_VM_PANIC in console:
         return f"host VM panic: {first.get('reason', '')[:200]}"
     reset = [s["id"] for s in doc["scenarios"] if s["verdict"] != "pass" and l1_reset_seen(s, out)]
-    return f"inner L1 reset in {', '.join(reset)}" if reset else ""
+    if reset:
+        return f"inner L1 reset in {', '.join(reset)}"
+    bare = [f"{s['id']}: {bare_shape(s['checks'])}" for s in doc["scenarios"]
+            if s.get("scenario") == "migrate-bare" and s["verdict"] != "pass"
+            and s.get("checks") and bare_shape(s["checks"])]
+    return f"migrate-bare in a recorded shape ({', '.join(bare)})" if bare else ""
 
 
 @pytest.fixture(scope="module")
@@ -152,19 +164,26 @@ def kvm_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
 
 
 def test_the_tcg_fault_shapes_are_recognised_precisely(tmp_path: Path):
-    """The fixture's excuse must not grow into 'anything': only the two recorded shapes."""
-    def scen(reason: str, qmp: str = "") -> dict:
+    """The fixture's excuse must not grow into 'anything': only the recorded shapes."""
+    def scen(reason: str, qmp: str = "", dumped: bool = False) -> dict:
         d = tmp_path / str(len(list(tmp_path.iterdir())))
         d.mkdir()
         if qmp:
-            (d / "src-qmp.jsonl").write_text(json.dumps({"msg": {"event": "SHUTDOWN", "data": {
-                "guest": True, "reason": qmp}}}) + "\n")
+            (d / "src-qmp.jsonl").write_text("".join(json.dumps({"msg": {
+                "event": "SHUTDOWN", "data": {"guest": True, "reason": why}}}) + "\n"
+                for why in qmp.split("+")))
+        if dumped:
+            (d / "src-reset-registers.txt").write_text("RIP=fffffff0\n")
         return {"id": "dirty-ring/x", "scenario": "dirty-ring", "verdict": "error",
                 "reason": reason, "checks": [], "artifacts": {"dir": str(d)}}
     story = f"src QEMU exited: {L1_RESET}"
     assert tcg_fault({"scenarios": [scen(story, "guest-reset")]}, tmp_path)
     assert tcg_fault({"scenarios": [scen(story)]}, tmp_path)
     assert not tcg_fault({"scenarios": [scen(story, "guest-shutdown")]}, tmp_path)
+    # The reset watcher's own quit after its dump (seen in CI, 2026-12-03) is not the guest's.
+    assert tcg_fault({"scenarios": [scen(story, "guest-reset+host-qmp-quit", dumped=True)]},
+                     tmp_path)
+    assert not tcg_fault({"scenarios": [scen(story, "guest-reset+host-qmp-quit")]}, tmp_path)
     assert not tcg_fault({"scenarios": [scen(f"{story}; L1 console: Kernel panic - x")]},
                          tmp_path)
     assert not tcg_fault({"scenarios": [scen("src QEMU exited: killed by signal 8 (SIGFPE)")]},
@@ -174,6 +193,15 @@ def test_the_tcg_fault_shapes_are_recognised_precisely(tmp_path: Path):
     assert tcg_fault({"scenarios": [{"id": "hostvm", "verdict": "error", "reason": "x"}]}, tmp_path)
     (tmp_path / "hostvm-console.log").write_text("BUG: kernel NULL pointer dereference\n")
     assert not tcg_fault({"scenarios": [{"id": "hostvm", "verdict": "error", "reason": "x"}]}, tmp_path)
+    silent = [{"name": "migration-completed", "ok": True, "detail": "completed"},
+              {"name": "l1-ssh-on-dst", "ok": False, "detail": "no answer"}]
+    bare = {"id": "migrate-bare/x", "scenario": "migrate-bare", "verdict": "fail", "reason": "x",
+            "checks": silent, "artifacts": {"dir": str(tmp_path)}}
+    (tmp_path / "hostvm-console.log").write_text("")
+    assert "dst-silent" in tcg_fault({"scenarios": [bare]}, tmp_path)
+    silent[1]["ok"] = True
+    silent.append({"name": "ram-identical", "ok": False, "detail": "1 page differs"})
+    assert not tcg_fault({"scenarios": [bare]}, tmp_path)
 
 
 def bare_shape(checks: list[dict]) -> str:
@@ -229,12 +257,7 @@ def test_kvm_paths_run_inside_one_host_vm(kvm_run):
     assert hv["accel"] == "tcg" and hv["mem_mib"] >= 2048 and hv["qemu_version"]
     for s in doc["scenarios"]:
         assert Path(s["artifacts"]["dir"]).is_dir()  # read back beside results.json
-        if s["scenario"] != "migrate-bare":
-            assert s["verdict"] == "pass", (s["id"], s["reason"])
-    # Bare SVME under KVM ran, but has not passed here (README, findings): the test holds the
-    # harness to reporting one of the recorded shapes, with QEMU's or SSH's own words.
-    bare = by_name["migrate-bare"]
-    assert bare["verdict"] == "pass" or bare_shape(bare["checks"]), bare["reason"]
+        assert s["verdict"] == "pass", (s["id"], s["reason"])
     gm = by_name["migrate-nested-guest-mode"]
     assert gm["params"]["migration"]["compression"] == "multifd-zstd"
     nested = {c["name"]: c for c in gm["checks"]}["kvm-nested-state"]

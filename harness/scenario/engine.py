@@ -619,7 +619,7 @@ class _ScenarioRun:
         for p in dumps.values():
             p.unlink()  # hundreds of MiB each: keep the digests, not the bytes
         self.res.metrics["ram"] = asdict(cmp)
-        self.res.checks.append(ck.ram_identical(cmp))
+        self.res.checks.append(ck.ram_identical(cmp, self.ctx.accel))
         regs = {m.config.name: m.hmp("info registers") for m in (src, dst)}
         for name, text in regs.items():
             (self.workdir / f"{name}-registers.txt").write_text(text)

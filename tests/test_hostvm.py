@@ -44,6 +44,10 @@ def our_qemus(marker: str) -> list[str]:
     (["vmexit", "--hostvm-mem", "512"], "at least"),
     (["selftest", "--hostvm-cpu", "max,-svm"], "SVM is turned off"),
     (["selftest", "--filter", "no_such_test"], "no such selftest"),
+    (["run", "--matrix", "/nonexistent/m.yaml"], "No such file"),
+    (["run", "--matrix", str(REPO / "tests" / "data" / "bad-axis.yaml")], "unknown axis"),
+    (["run", "--kvm-amd-typo"], "unrecognized arguments"),
+    (["run", "--hostvm-kvm-amd", "sev=1"], "--hostvm-kvm-amd sev=1"),
 ])
 def test_bad_input_is_refused_before_a_host_vm_boots(args, needle, tmp_path: Path):
     cp = nestvirt(args[0], "--in-hostvm", *args[1:], "--out", str(tmp_path))

@@ -16,7 +16,13 @@ from harness.hostvm.files import with_parents_links
 from harness.hostvm.image import selection_key, stage_files
 from harness.hostvm.initramfs import render_init
 from harness.hostvm.job import INNER_OUT, render_job
-from harness.hostvm.run import inner_args, inner_path, inner_refused, variant_count
+from harness.hostvm.run import (
+    inner_args,
+    inner_path,
+    inner_refused,
+    matrix_bound,
+    variant_count,
+)
 from harness.hostvm.vm import (
     MIN_MEM_MIB,
     HostVmSpec,
@@ -341,3 +347,12 @@ def test_old_images_are_pruned(tmp_path: Path):
     assert sorted(p.name for p in gone) == ["root-0.ext4", "root-1.ext4"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root-2.ext4", "root-2.files",
                                                            "root-3.ext4", "root-3.files"]
+
+
+def test_a_matrix_run_is_bounded_by_its_files_combinations():
+    from harness.matrix.files import combinations, load_matrix
+
+    m = load_matrix(Path(__file__).resolve().parent.parent / "ci" / "hostvm-kvm.yaml")
+    assert combinations(m) == 3  # 2 scenarios x 1 mode, then 1 x 1
+    assert matrix_bound(4) < matrix_bound(5) < matrix_bound(5, repeat=2)
+    assert matrix_bound(0) == matrix_bound(1)  # never shorter than one variant

@@ -120,15 +120,27 @@ def _boot(p, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run_in_hostvm(args: argparse.Namespace, raw: list[str]) -> int:
-    """`run --in-hostvm`: bad input checked here first, then one host VM for every variant."""
-    from harness.hostvm.run import inner_args
+def cmd_run_in_hostvm(args: argparse.Namespace, raw: list[str], *,
+                      matrix_text: str | None = None, matrix_combos: int = 0) -> int:
+    """`run --in-hostvm`: bad input checked here first, then one host VM for every variant.
+    With a matrix file (read and checked by the caller: ``matrix_text`` and its number of
+    combinations), the file travels in the job and the inner run reads it from there."""
+    from harness.core import slow
+    from harness.hostvm.job import JOB_DIR
+    from harness.hostvm.run import inner_args, matrix_bound
 
-    for bad in ("dst_host", "matrix"):
-        if getattr(args, bad, None):
-            raise UsageError(f"--in-hostvm does not combine with --{bad.replace('_', '-')}")
-    return cmd_in_hostvm(args, "run", inner_args(after_command(raw, "run")),
-                         deadline_s=args.hostvm_deadline)
+    if getattr(args, "dst_host", None):
+        raise UsageError("--in-hostvm does not combine with --dst-host")
+    if getattr(args, "matrix", None) and matrix_text is None:
+        raise UsageError("--in-hostvm --matrix: the matrix file was not read")
+    if matrix_text is None:
+        return cmd_in_hostvm(args, "run", inner_args(after_command(raw, "run")),
+                             deadline_s=args.hostvm_deadline)
+    inner = [*inner_args(after_command(raw, "run"), drop_valued=("--matrix",)),
+             "--matrix", f"{JOB_DIR}/matrix.yaml"]
+    bound = args.hostvm_deadline or slow.scaled(matrix_bound(matrix_combos, args.repeat or 1))
+    return cmd_in_hostvm(args, "run", inner, deadline_s=bound,
+                         job_files={"matrix.yaml": matrix_text})
 
 
 def after_command(raw: list[str], command: str) -> list[str]:
@@ -138,7 +150,8 @@ def after_command(raw: list[str], command: str) -> list[str]:
 
 def cmd_in_hostvm(args: argparse.Namespace, command: str, inner: list[str], *,
                   deadline_s: float | None, extra_trees: tuple[Path, ...] = (),
-                  notes: list[str] | None = None) -> int:
+                  notes: list[str] | None = None,
+                  job_files: dict[str, str] | None = None) -> int:
     """`COMMAND --in-hostvm`: one host VM runs `nestvirt COMMAND --accel kvm INNER`; its
     results come back into --out in the one schema. Exit 2 when the host VM itself failed."""
     from harness.hostvm.run import run_in_hostvm
@@ -161,7 +174,7 @@ def cmd_in_hostvm(args: argparse.Namespace, command: str, inner: list[str], *,
             print(f"nestvirt: host VM {ev['event']} at {ev['t']}s", file=sys.stderr)
 
     _, results, _ = run_in_hostvm(p, inner, out, command=command, deadline_s=deadline_s,
-                                  on_event=show)
+                                  job_files=job_files, on_event=show)
     (out / "junit.xml").write_text(junit_xml(results))
     link_latest(out)
     fatal = results and results[0].id == "hostvm" and \

@@ -15,6 +15,8 @@ from harness.vm import resetwatch
 
 # Inside the host VM: where the inner run writes (the exchange disk carries /results back).
 INNER_OUT = "/results/run"
+# Where the job's own files (job.sh, a matrix file the user named) lie inside the host VM.
+JOB_DIR = "/job"
 TRACE = "/results/kvm-trace.txt"
 QEMU_PIDS = "/results/qemu-pids.txt"
 # KVM's tracepoints that say where an inner L1's vCPU is: a VMRUN emulated for it enters guest

@@ -10,7 +10,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,12 @@ def run_bound(args: Sequence[str]) -> float:
     return BOOT_BOUND_S + per * repeat
 
 
+def matrix_bound(variants: int, repeat: int = 1) -> float:
+    """The bound on `run --in-hostvm --matrix FILE` (unscaled): boot plus a variant's bound for
+    each of the file's combinations (before pruning, so never short) and repeat."""
+    return BOOT_BOUND_S + max(1, variants) * VARIANT_BOUND_S * max(1, repeat)
+
+
 def inner_path(path: str, local: Path) -> str:
     """A path the inner run wrote (under INNER_OUT) as it lies on the host after read-back."""
     return re.sub(rf"^{re.escape(INNER_OUT)}", str(local), path) if path else path
@@ -170,6 +176,7 @@ def inner_refused(outcome: Outcome, command: str, console: Sequence[str]) -> Sce
 
 def run_in_hostvm(prepared: Prepared, args: Sequence[str], out: Path, *,
                   command: str = "run", deadline_s: float | None = None,
+                  job_files: Mapping[str, str] | None = None,
                   on_event: Callable[[dict[str, str]], None] | None = None
                   ) -> tuple[dict[str, Any], list[ScenarioResult], dict[str, Any]]:
     """Boot the host VM once, run `nestvirt COMMAND --accel kvm ARGS` inside, read back.
@@ -182,7 +189,7 @@ def run_in_hostvm(prepared: Prepared, args: Sequence[str], out: Path, *,
     bound = deadline_s or slow.scaled(run_bound(args))
     job = render_job([command, "--accel", "kvm", "--out", INNER_OUT, *args],
                      mtimes=prepared.mtimes)
-    outcome = run_job(prepared.spec, {"job.sh": job}, workdir, deadline_s=bound,
+    outcome = run_job(prepared.spec, {**(job_files or {}), "job.sh": job}, workdir, deadline_s=bound,
                       results=workdir / "readback", on_event=on_event)
     identity = prepared.spec.to_json()
     run_info: dict[str, Any] = {"hostvm": {**identity, "outcome": outcome.to_json(),

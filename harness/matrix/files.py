@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -289,6 +290,12 @@ def _check_value(key: str, v: Any, where: str, profiles: set[str]) -> None:
 
 # --------------------------------------------------------------------------------------------
 # expansion
+
+
+def combinations(matrix: MatrixSpec) -> int:
+    """How many combinations the file's blocks make before pruning (an upper bound on its
+    variants: a bound on a whole run is sized from it)."""
+    return sum(math.prod(len(v) for v in block.values()) for block in matrix.blocks)
 
 
 def expand_matrix(matrix: MatrixSpec, host: HostLike, inject: str | None = None) -> Plan:

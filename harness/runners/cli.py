@@ -360,6 +360,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_options(args)
         expand(args.scenarios, args.compression, mode_knobs(args), inject=args.inject,
                guest_mode_retries=args.guest_mode_retries)
+        if args.matrix:
+            # Checked here (a typo is one line before any boot); the text travels in the job.
+            from harness.matrix.files import combinations, load_matrix
+
+            matrix = load_matrix(args.matrix)
+            return cmd_run_in_hostvm(args, args.raw_argv,
+                                     matrix_text=args.matrix.read_text(),
+                                     matrix_combos=combinations(matrix))
         return cmd_run_in_hostvm(args, args.raw_argv)
     if wants_batch(args):
         return cmd_run_batch(args)

@@ -120,8 +120,8 @@ def test_only_kvms_wall_clock_rewrite_is_forgiven_and_only_under_kvm(tmp_path: P
         return ck.compare_ram_dumps(tmp_path / "s", tmp_path / "d")
 
     got = dumps(dst_rec)
-    assert got.kvm_wall_clock == [f"{hex(page + 64)}: version 4 -> 6, sec 1796280067 -> "
-                                  f"1796280091 (+24)"]
+    assert got.kvm_wall_clock == (f"{hex(page + 64)}: version 4 -> 6, sec 1796280067 -> "
+                                  f"1796280091 (+24)")
     c = ck.ram_identical(got, "kvm")
     assert c.ok and "KVM's wall clock record" in c.detail and "+24" in c.detail
     assert not ck.ram_identical(got, "tcg").ok  # no KVM, no KVM write to forgive

@@ -105,8 +105,8 @@ KVM_SCENARIOS = ("migrate-nested-guest-mode", "migrate-bare", "dirty-ring")
 
 # The failure shapes of TCG's nested SVM emulation under this host VM's KVM, each recorded with
 # its console and results (README, "KVM host VM", findings), and not nestvirt's doing. With
-# two host VM vCPUs they decided most runs; with one (the default now) none was seen in 17
-# runs, but they are still told apart from a real red:
+# two host VM vCPUs they decided most runs; with one (the default now) only the last of them
+# was seen (twice), but each is still told apart from a real red:
 # - the host VM's own kernel dies in a KVM vCPU thread with a recursive page fault
 #   ("TASK stack guard page was hit", exc_page_fault faulting on its own %gs access while the
 #   inner L1's FS/GS are loaded);
@@ -121,7 +121,6 @@ KVM_SCENARIOS = ("migrate-nested-guest-mode", "migrate-bare", "dirty-ring")
 # outcome, a new shape included, is judged.
 HOST_VM_PANIC = "stack guard page was hit"
 HOST_VM_SILENT = "host VM silent for "
-
 L1_RESET = "status 0, no stderr (L1 powered off, or reset under -no-reboot)"
 
 

@@ -4,6 +4,7 @@ pass-through, result read-back, the nested-trace evidence (with cases where it m
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -196,17 +197,36 @@ def test_events_parse():
     assert parse_event("[ 1.0] kernel line") is None
 
 
-PIDS = ["100 /q/qemu-system-x86_64 -name nestvirt-src,debug-threads=on -chardev "
-        "file,id=console,path=/results/run/migrate-nested_none/src-console.log",
-        "200 /q/qemu-system-x86_64 -name nestvirt-dst,debug-threads=on -chardev "
-        "file,id=console,path=/results/run/migrate-nested_none/dst-console.log",
-        "300 /q/qemu-system-x86_64 -machine none"]
+def _transcript(pid: int, cmd: str = "qmp_capabilities") -> list[str]:
+    """A QMP transcript as Machine writes it: the "connected" record with the pid, then traffic
+    (one command naming "connected" in its text, which is not a record of it)."""
+    return [json.dumps({"t": 0.1, "dir": "connected", "msg": {"argv": ["qemu"], "pid": pid}}),
+            json.dumps({"t": 0.2, "dir": "->", "msg": {"execute": cmd, "arguments": {
+                "note": "connected"}}})]
+
+
+def _roles(*qemus: tuple[str, int]) -> dict[int, tuple[str, str]]:
+    return evidence.qemu_roles((path, _transcript(pid)) for path, pid in qemus)
+
+
+PIDS = _roles(("/results/run/migrate-nested_none/src-qmp.jsonl", 100),
+              ("/results/run/migrate-nested_none/dst-qmp.jsonl", 200),
+              ("/results/run/migrate-nested_none/probe-qmp.jsonl", 300))
 VDIR = "/results/run/migrate-nested_none"
 
 
 def _ev(tgid: int, ts: float, enter: bool) -> str:
     name = "kvm_nested_vmenter: rip: 0x1" if enter else "kvm_nested_vmexit_inject: reason: io"
     return f"  CPU 0/KVM-{tgid + 1}    (  {tgid}) [000] .....   {ts:.6f}: {name}"
+
+
+def test_qemus_are_known_by_their_transcripts_pid():
+    assert PIDS == {100: ("/results/run/migrate-nested_none", "src"),
+                    200: ("/results/run/migrate-nested_none", "dst")}
+    # A relaunched destination adds a record: both pids are its; a torn line is skipped.
+    lines = [*_transcript(200), "{\"dir\": \"connected\", torn", *_transcript(201)]
+    assert evidence.qemu_roles([("/r/v/dst-qmp.jsonl", lines)]) == {200: ("/r/v", "dst"),
+                                                                   201: ("/r/v", "dst")}
 
 
 def test_trace_says_the_stop_caught_guest_mode_and_l2_ran_on():
@@ -224,10 +244,9 @@ def test_trace_says_the_stop_caught_guest_mode_and_l2_ran_on():
 def test_each_repeat_gets_its_own_trace():
     # --repeat nests RUN/<variant>_<i>/<variant>/: the same last part for every repeat. Each
     # repeat's result must get its own QEMUs' events, not one repeat's for all.
-    pids = [f"{p} /q/qemu-system-x86_64 -name nestvirt-{role},debug-threads=on -chardev file,"
-            f"id=console,path=/results/run/migrate-nested_none_{i}/migrate-nested_none/"
-            f"{role}-console.log" for i, p, role in ((1, 100, "src"), (1, 200, "dst"),
-                                                     (2, 300, "src"), (2, 400, "dst"))]
+    pids = _roles(*((f"/results/run/migrate-nested_none_{i}/migrate-nested_none/{role}-qmp.jsonl",
+                     p) for i, p, role in ((1, 100, "src"), (1, 200, "dst"), (2, 300, "src"),
+                                           (2, 400, "dst"))))
     trace = [_ev(100, 1.0, True), _ev(200, 2.0, False), _ev(200, 2.1, True),  # 1: guest mode
              _ev(300, 3.0, True), _ev(300, 3.1, False), _ev(400, 4.0, True)]  # 2: in L1
     got = evidence.by_variant(trace, pids)

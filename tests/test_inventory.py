@@ -297,3 +297,25 @@ def test_fetch_without_network_or_apt_is_one_line_and_exit_2(tmp_path: Path):
     assert no_apt.returncode == 2, no_apt.stderr
     (line,) = no_apt.stderr.strip().splitlines()
     assert "apt-get not found" in line and "--qemu PATH" in line
+
+
+def test_the_probe_cache_key_reads_a_directory_by_its_mtime_not_its_size(tmp_path: Path):
+    # The host VM's image holds a module dir with the same mtime in another size of directory:
+    # the probe made here must still be found there (else every QEMU is probed again, 6 s).
+    binary, mods = tmp_path / "qemu", tmp_path / "mods"
+    binary.write_bytes(b"\x7fELF")
+    mods.mkdir()
+    install = inv.QemuInstall(str(binary), "PATH", module_dir=str(mods))
+    before = inv._cache_key(install)
+    st, bst = mods.stat(), binary.stat()
+    for i in range(300):  # enough entries to grow the directory past one block
+        (mods / f"module-{i:04d}-with-a-long-name.so").write_bytes(b"")
+    os.utime(mods, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert mods.stat().st_size != st.st_size
+    assert inv._cache_key(install) == before
+    os.utime(mods, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # its entries changed
+    assert inv._cache_key(install) != before
+    os.utime(mods, ns=(st.st_atime_ns, st.st_mtime_ns))
+    binary.write_bytes(b"\x7fELF rebuilt")  # a file's size still counts, its mtime kept
+    os.utime(binary, ns=(bst.st_atime_ns, bst.st_mtime_ns))
+    assert inv._cache_key(install) != before

@@ -32,6 +32,9 @@ def add_hostvm_options(p: argparse.ArgumentParser) -> None:
                    help="the outer QEMU (default: the inventory's newest)")
     p.add_argument("--hostvm-deadline", type=float, metavar="S",
                    help="bound on the whole host VM run (default: from the variant count)")
+    p.add_argument("--hostvm-no-cache", action="store_true",
+                   help="boot without the cache disk: the inner run builds its saved L1 "
+                   "images afresh and keeps none")
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -172,9 +175,15 @@ def cmd_in_hostvm(args: argparse.Namespace, command: str, inner: list[str], *,
     def show(ev: dict[str, str]) -> None:
         if not args.json and ev["event"] in ("ready", "job-done", "fatal"):
             print(f"nestvirt: host VM {ev['event']} at {ev['t']}s", file=sys.stderr)
+        elif not args.json and ev["event"] == "cache":
+            print("nestvirt: host VM cache disk: "
+                  + (f"{ev.get('images')} saved L1 images, {ev.get('free_mib')} MiB free"
+                     if ev.get("mounted") == "1" else f"not mounted ({ev.get('error')})"),
+                  file=sys.stderr)
 
     _, results, _ = run_in_hostvm(p, inner, out, command=command, deadline_s=deadline_s,
-                                  job_files=job_files, on_event=show)
+                                  job_files=job_files, on_event=show,
+                                  cache=not getattr(args, "hostvm_no_cache", False))
     (out / "junit.xml").write_text(junit_xml(results))
     link_latest(out)
     fatal = results and results[0].id == "hostvm" and \

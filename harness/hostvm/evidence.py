@@ -2,7 +2,7 @@
 tracepoints in the host VM (kvm_nested_vmenter: KVM emulated L1's VMRUN, the vCPU enters guest
 mode; kvm_nested_vmexit_inject: an exit reflected to L1, it leaves guest mode).
 
-Pure parsing: trace text and the QEMU pid list in, a per-variant summary and a check out.
+Pure parsing: trace text and the QEMUs' QMP transcripts in, a per-variant summary and a check out.
 A source QEMU never runs its vCPU again after the stop, so the last of these events on its
 vCPU thread says whether the stop caught guest mode; the destination's VMRUNs say L2 ran on
 after the nested state was restored.
@@ -10,6 +10,7 @@ after the nested state was restored.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,12 +23,10 @@ _LINE = re.compile(r"^\s*(?P<comm>.+?)-(?P<tid>\d+)\s+\(\s*(?P<tgid>\d+|-+)\)\s+
                    r"(?P<ts>\d+\.\d+):\s+(?P<event>\w+):")
 ENTER = frozenset({"kvm_nested_vmenter", "kvm_nested_vmrun"})
 LEAVE = frozenset({"kvm_nested_vmexit_inject"})
-# "1500 /usr/bin/qemu-system-x86_64 ... -name nestvirt-src,debug-threads=on ...
-#  -chardev file,id=console,path=/results/run/migrate-nested_none/src-console.log ..."
-_ROLE = re.compile(r"-name nestvirt-(?P<role>src|dst)\b")
-# The variant's whole directory, not its last part: --repeat N nests each repeat's variant as
-# RUN/<variant>_<i>/<variant>/, so the last part alone is the same for every repeat.
-_DIR = re.compile(r"path=(?P<dir>\S+)/(?:src|dst)-console\.log")
+# Each inner QEMU's QMP transcript, RUN/<variant>/{src,dst}-qmp.jsonl, opens with a "connected"
+# record carrying its pid; --repeat N nests each repeat as RUN/<variant>_<i>/<variant>/, so the
+# variant is the transcript's whole directory, not its last part.
+_TRANSCRIPT = re.compile(r"^(?P<dir>.+)/(?P<role>src|dst)-qmp\.jsonl$")
 CHECK = "kvm-nested-state"
 
 
@@ -59,14 +58,24 @@ class VcpuTrace:
                 "began_in_guest_mode": self.began_in_guest_mode}
 
 
-def qemu_roles(pid_lines: Iterable[str]) -> dict[int, tuple[str, str]]:
-    """pid -> (variant dir as the inner run wrote it, role) for each inner QEMU the sampler saw."""
+def qemu_roles(transcripts: Iterable[tuple[str, Iterable[str]]]) -> dict[int, tuple[str, str]]:
+    """pid -> (variant dir as the inner run wrote it, role), from (transcript path, its lines)
+    pairs: every "connected" record of a src or dst transcript (a relaunch adds one)."""
     roles: dict[int, tuple[str, str]] = {}
-    for line in pid_lines:
-        pid, _, cmd = line.strip().partition(" ")
-        role, where = _ROLE.search(cmd), _DIR.search(cmd)
-        if pid.isdigit() and role and where:
-            roles[int(pid)] = (where.group("dir"), role.group("role"))
+    for path, lines in transcripts:
+        where = _TRANSCRIPT.match(path)
+        if not where:
+            continue
+        for line in lines:
+            if '"connected"' not in line:
+                continue  # most lines are QMP traffic: skip them before parsing
+            try:
+                rec = json.loads(line)
+                pid = rec["msg"]["pid"] if rec.get("dir") == "connected" else None
+            except (ValueError, KeyError, TypeError):
+                continue
+            if isinstance(pid, int):
+                roles[pid] = (where.group("dir"), where.group("role"))
     return roles
 
 
@@ -90,10 +99,11 @@ def per_qemu(trace_lines: Iterable[str]) -> dict[int, VcpuTrace]:
     return out
 
 
-def by_variant(trace_lines: Iterable[str], pid_lines: Iterable[str]) -> dict[str, dict[str, Any]]:
+def by_variant(trace_lines: Iterable[str],
+               roles: Mapping[int, tuple[str, str]]) -> dict[str, dict[str, Any]]:
     """variant dir (the inner path) -> {"src": {...}, "dst": {...}}: each side's nested event
-    summary. Two QEMUs in one role for one variant (a retried variant) keep the later one."""
-    roles = qemu_roles(pid_lines)
+    summary (``roles``: qemu_roles). Two QEMUs in one role for one variant (a retried variant)
+    keep the later one."""
     out: dict[str, dict[str, Any]] = {}
     for pid, t in per_qemu(trace_lines).items():
         if pid in roles:

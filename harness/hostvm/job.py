@@ -11,14 +11,16 @@ from pathlib import Path
 from harness.core import slow
 from harness.core.cache import cache_root
 from harness.core.paths import REPO
+from harness.hostvm import cachedisk
 from harness.vm import resetwatch
 
 # Inside the host VM: where the inner run writes (the exchange disk carries /results back).
 INNER_OUT = "/results/run"
+# The cache disk, when the host VM has one (vm.qemu_argv's order of disks).
+CACHE_DEVICE = "/dev/vdc"
 # Where the job's own files (job.sh, a matrix file the user named) lie inside the host VM.
 JOB_DIR = "/job"
 TRACE = "/results/kvm-trace.txt"
-QEMU_PIDS = "/results/qemu-pids.txt"
 # KVM's tracepoints that say where an inner L1's vCPU is: a VMRUN emulated for it enters guest
 # mode, an exit reflected to it (vmexit_inject) leaves it.
 # (Linux 6.1 names the entry kvm_nested_vmenter; before 5.x it was kvm_nested_vmrun.)
@@ -29,9 +31,10 @@ INNER_SCALE = 2.0
 
 
 def render_job(inner_args: Sequence[str], *, trace: bool = True, stdout: str = "",
-               mtimes: Mapping[str, int] | None = None) -> str:
+               mtimes: Mapping[str, int] | None = None, cache: bool = False) -> str:
     """job.sh for ``python -m harness INNER_ARGS`` as this process's own interpreter and tree
-    (``stdout``: a file inside the host VM for its standard output, else the console)."""
+    (``stdout``: a file inside the host VM for its standard output, else the console;
+    ``cache``: mount the cache disk over the inner cache's saved L1 images first)."""
     py = shlex.quote(sys.executable)
     env = {"HOME": str(Path.home()), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:"
            "/usr/sbin:/sbin", "NESTVIRT_CACHE": str(cache_root()), "PYTHONDONTWRITEBYTECODE": "1",
@@ -49,6 +52,8 @@ def render_job(inner_args: Sequence[str], *, trace: bool = True, stdout: str = "
     # cache) would miss and probe every binary again under TCG: put the host's times back.
     for path, ns in sorted((mtimes or {}).items()):
         lines.append(f"/usr/bin/touch -m -h -d @{ns // 10**9}.{ns % 10**9:09d} {shlex.quote(path)}")
+    if cache:
+        lines += cachedisk.mount_lines(CACHE_DEVICE, str(cache_root()))
     if trace:
         t = "/sys/kernel/tracing"
         # One clock for all CPUs: the order of a vCPU thread's events is read across the
@@ -57,18 +62,17 @@ def render_job(inner_args: Sequence[str], *, trace: bool = True, stdout: str = "
                   f"echo 1 > {t}/options/record-tgid",
                   *(f"[ -e {t}/events/kvm/{e} ] && echo 1 > {t}/events/kvm/{e}/enable"
                     for e in TRACE_EVENTS),
-                  f"cat {t}/trace_pipe > {TRACE} 2>/dev/null &", "tracer=$!",
-                  # Which QEMU each trace pid is: the sampler notes every new qemu process.
-                  "( seen=' '; while true; do for d in /proc/[0-9]*; do p=${d#/proc/}; "
-                  "case \"$seen\" in *\" $p \"*) continue;; esac; "
-                  "c=$( (tr '\\0' ' ' < $d/cmdline) 2>/dev/null); case \"$c\" in *qemu-system*) "
-                  f"echo \"$p $c\" >> {QEMU_PIDS}; seen=\"$seen$p \";; esac; done; sleep 0.3; "
-                  "done ) &", "sampler=$!"]
+                  # Which QEMU each traced pid is, the inner run's QMP transcripts say (a
+                  # shell scanning /proc for new QEMUs took most of the one vCPU: 60 s against
+                  # 37 s for migrate-nested).
+                  f"cat {t}/trace_pipe > {TRACE} 2>/dev/null &", "tracer=$!"]
     argv = " ".join(shlex.quote(a) for a in inner_args)
     lines += ["ev job-start", f"{py} -X frozen_modules=on -m harness {argv}"
               + (f" > {shlex.quote(stdout)}" if stdout else ""), "rc=$?"]
     if trace:
         lines += ["echo 0 > /sys/kernel/tracing/events/kvm/enable",
-                  "sleep 0.5; kill $tracer $sampler 2>/dev/null"]
+                  "sleep 0.5; kill $tracer 2>/dev/null"]
+    if cache:
+        lines += cachedisk.unmount_lines(str(cache_root()))
     lines += ["exit $rc", ""]
     return "\n".join(lines)

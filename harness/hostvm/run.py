@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.core import slow
-from harness.hostvm import evidence
-from harness.hostvm.job import INNER_OUT, QEMU_PIDS, TRACE, render_job
+from harness.hostvm import cachedisk, evidence
+from harness.hostvm.job import INNER_OUT, TRACE, render_job
 from harness.hostvm.prepare import Prepared
 from harness.hostvm.vm import Outcome, run_job
 from harness.results.record import load_results, write_results
@@ -24,7 +24,7 @@ from harness.scenario.result import ScenarioResult
 from harness.scenario.suite import SCENARIOS
 
 # Options of `run` that belong to the outer run (never passed inside).
-OUTER_FLAGS = ("--in-hostvm",)
+OUTER_FLAGS = ("--in-hostvm", "--hostvm-no-cache")
 OUTER_VALUED = ("--out", "--hostvm-mem", "--hostvm-smp", "--hostvm-cpu", "--hostvm-qemu",
                 "--hostvm-tcg-thread", "--hostvm-npt", "--hostvm-kvm-amd", "--hostvm-deadline",
                 "--accel")
@@ -177,25 +177,33 @@ def inner_refused(outcome: Outcome, command: str, console: Sequence[str]) -> Sce
 def run_in_hostvm(prepared: Prepared, args: Sequence[str], out: Path, *,
                   command: str = "run", deadline_s: float | None = None,
                   job_files: Mapping[str, str] | None = None,
-                  on_event: Callable[[dict[str, str]], None] | None = None
+                  on_event: Callable[[dict[str, str]], None] | None = None,
+                  cache: bool = True
                   ) -> tuple[dict[str, Any], list[ScenarioResult], dict[str, Any]]:
     """Boot the host VM once, run `nestvirt COMMAND --accel kvm ARGS` inside, read back.
     Returns (host facts of the inner probe, results, run info) and writes out/results.json.
-    ``deadline_s`` None: from run's variant count (other commands must pass one)."""
+    ``deadline_s`` None: from run's variant count (other commands must pass one).
+    ``cache``: carry the inner run's saved L1 images on the cache disk (cachedisk.py)."""
     t0 = time.monotonic()
     workdir = out / "hostvm"
     local = workdir / "inner"
     shutil.rmtree(local, ignore_errors=True)
     bound = deadline_s or slow.scaled(run_bound(args))
-    job = render_job([command, "--accel", "kvm", "--out", INNER_OUT, *args],
-                     mtimes=prepared.mtimes)
-    outcome = run_job(prepared.spec, {**(job_files or {}), "job.sh": job}, workdir, deadline_s=bound,
-                      results=workdir / "readback", on_event=on_event)
     identity = prepared.spec.to_json()
+    with cachedisk.held(identity, enabled=cache) as disk:
+        job = render_job([command, "--accel", "kvm", "--out", INNER_OUT, *args],
+                         mtimes=prepared.mtimes, cache=disk.path is not None)
+        outcome = run_job(prepared.spec, {**(job_files or {}), "job.sh": job}, workdir,
+                          deadline_s=bound, results=workdir / "readback", on_event=on_event,
+                          cache_disk=disk.path)
+    cachedisk.prune()
+    said = [e for e in outcome.events if e.get("event") == "cache"]
     run_info: dict[str, Any] = {"hostvm": {**identity, "outcome": outcome.to_json(),
                                            "inner_command": command,
                                            "inner_args": list(args),
-                                           "prepare_seconds": prepared.seconds}}
+                                           "prepare_seconds": prepared.seconds,
+                                           "cache_disk": {**disk.to_json(),
+                                                          "inside": said[-1] if said else None}}}
     host: dict[str, Any] = {}
     results: list[ScenarioResult]
     back = workdir / "readback"
@@ -206,8 +214,7 @@ def run_in_hostvm(prepared: Prepared, args: Sequence[str], out: Path, *,
         inner_run = inner_doc.get("run", {})
         run_info["inner"] = {k: inner_run[k] for k in ("argv", "seconds", "selftests", "on",
                                                        "timeout_s") if k in inner_run}
-        trace = evidence.by_variant(_lines(back / Path(TRACE).name),
-                                    _lines(back / Path(QEMU_PIDS).name))
+        trace = evidence.by_variant(_lines(back / Path(TRACE).name), _inner_qemus(local))
         results = merge(inner_doc, results, local, trace, identity)
     elif outcome.status == "ok":
         outcome.status, outcome.reason = "died", (f"the inner run wrote no results.json "
@@ -230,6 +237,13 @@ def _run_info(out: Path) -> dict[str, Any]:
     from harness.results.record import run_record
 
     return run_record(out)
+
+
+def _inner_qemus(local: Path) -> dict[int, tuple[str, str]]:
+    """The inner QEMUs' pids and roles, from their QMP transcripts read back under ``local``
+    (named by the inner paths the trace's variants are keyed by)."""
+    return evidence.qemu_roles((f"{INNER_OUT}/{p.relative_to(local)}", _lines(p))
+                               for p in sorted(local.rglob("*-qmp.jsonl")))
 
 
 def _lines(path: Path) -> list[str]:

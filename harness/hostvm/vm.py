@@ -99,7 +99,12 @@ def kvm_amd_arg(spec: HostVmSpec) -> str:
     return f" nestvirt.kvm_amd={','.join(opts)}" if opts else ""
 
 
-def qemu_argv(spec: HostVmSpec, workdir: Path, exchange: Path, job_blocks: int) -> list[str]:
+def qemu_argv(spec: HostVmSpec, workdir: Path, exchange: Path, job_blocks: int,
+              cache_disk: Path | None = None) -> list[str]:
+    """The outer QEMU's command line. Disks in this order, so the host VM names them vda (the
+    root image), vdb (the exchange disk) and vdc (the cache disk, when there is one)."""
+    cache = ["-drive", f"file={cache_disk},if=none,id=cache,format=raw",
+             "-device", "virtio-blk-pci,drive=cache"] if cache_disk else []
     return [spec.qemu, *firmware_args(spec.firmware_dirs), "-name", "nestvirt-hostvm",
             "-machine", "q35", "-accel", f"tcg,thread={spec.tcg_thread}", "-cpu", spec.cpu,
             "-m", str(spec.mem_mib), "-smp", str(spec.smp), "-nodefaults", "-display", "none", "-no-reboot",
@@ -109,7 +114,7 @@ def qemu_argv(spec: HostVmSpec, workdir: Path, exchange: Path, job_blocks: int) 
             "-drive", f"file={spec.image.path},if=none,id=root,format=raw,readonly=on",
             "-device", "virtio-blk-pci,drive=root",
             "-drive", f"file={exchange},if=none,id=xchg,format=raw,cache=unsafe",
-            "-device", "virtio-blk-pci,drive=xchg",
+            "-device", "virtio-blk-pci,drive=xchg", *cache,
             "-chardev", f"file,id=console,path={workdir / 'hostvm-console.log'}",
             "-serial", "chardev:console",
             "-chardev", f"file,id=events,path={workdir / 'hostvm-events.log'}",
@@ -200,10 +205,11 @@ def tail(path: Path, n: int = 15) -> list[str]:
 
 def run_job(spec: HostVmSpec, files: Mapping[str, str], workdir: Path, *, deadline_s: float,
             boot_s: float = 60, silence_s: float = 30, results: Path | None = None,
-            on_event=None) -> Outcome:
+            on_event=None, cache_disk: Path | None = None) -> Outcome:
     """Boot the host VM with ``files`` as its job (job.sh runs chrooted in its root), wait for
     power-off within ``deadline_s`` (boot to ready within ``boot_s``; a heartbeat at least
-    every ``silence_s``), then unpack its results into ``results``. Always reaps QEMU."""
+    every ``silence_s``), then unpack its results into ``results``. Always reaps QEMU.
+    ``cache_disk``: a writable disk the job mounts as vdc (cachedisk.py)."""
     workdir.mkdir(parents=True, exist_ok=True)
     exchange = workdir / "hostvm-exchange.raw"
     blocks = make_exchange(exchange, files)
@@ -213,7 +219,7 @@ def run_job(spec: HostVmSpec, files: Mapping[str, str], workdir: Path, *, deadli
     out = Outcome("deadline")
     t0 = time.monotonic()
     with open(workdir / "hostvm-qemu.stderr", "wb") as err:
-        p = proc.spawn(qemu_argv(spec, workdir, exchange, blocks), stdout=err, stderr=err,
+        p = proc.spawn(qemu_argv(spec, workdir, exchange, blocks, cache_disk), stdout=err, stderr=err,
                        env=launch_env(spec.module_dir))
     seen = 0
     last_heard = t0

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -212,7 +213,10 @@ def _cache_key(install: QemuInstall) -> str:
             st = os.stat(p) if p else None
         except OSError:
             st = None
-        h.update(f"\0{st.st_size}:{st.st_mtime_ns}".encode() if st else b"\0-")
+        # A directory's size is its filesystem's business (the host VM's image holds the same
+        # entries in another size of directory): its mtime says when its entries changed.
+        size = 0 if st is None or stat.S_ISDIR(st.st_mode) else st.st_size
+        h.update(f"\0{size}:{st.st_mtime_ns}".encode() if st else b"\0-")
     return h.hexdigest()[:16]
 
 

@@ -218,7 +218,9 @@ class Machine:
             if time.monotonic() > deadline:
                 raise StepTimeout(f"{self.config.name} QMP did not answer in {timeout:g}s")
             time.sleep(0.005)  # a start is waited on at every restore: polled finely
-        self._log("connected", {"argv": self.argv, "module_dir": self.config.module_dir})
+        # The pid: the host VM tells its inner QEMUs' KVM tracepoints apart by it.
+        self._log("connected", {"argv": self.argv, "module_dir": self.config.module_dir,
+                                "pid": self._proc.pid})
 
     def qmp(self, command: str, timeout: float = 30.0, **args: Any) -> Any:
         """Execute one QMP command; return its result or raise QmpCommandError."""

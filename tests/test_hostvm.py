@@ -113,7 +113,7 @@ KVM_SCENARIOS = ("migrate-nested-guest-mode", "migrate-bare", "dirty-ring")
 # - an inner L1 resets on its own (its QEMU exits 0 under -no-reboot with nothing on stderr
 #   and nothing bad on its console; QMP said SHUTDOWN guest-reset, then host-qmp-quit from the
 #   reset watcher once it had dumped the registers);
-# - migrate-bare in one of its three shapes (bare_shape below);
+# - migrate-bare in one of its four shapes (bare_shape below);
 # - at one vCPU, the host VM goes silent: no heartbeat for 30 s and nothing on its console,
 #   not even the RCU stall its kernel prints when a CPU of two is stuck (seen in a dirty-limit
 #   run and in CI on 2026-12-03: its only vCPU stuck, as CPU 0 was in that stall at two).
@@ -157,9 +157,9 @@ def tcg_fault(doc: dict, out: Path) -> str:
     reset = [s["id"] for s in doc["scenarios"] if s["verdict"] != "pass" and l1_reset_seen(s, out)]
     if reset:
         return f"inner L1 reset in {', '.join(reset)}"
-    bare = [f"{s['id']}: {bare_shape(s['checks'])}" for s in doc["scenarios"]
+    bare = [f"{s['id']}: {bare_shape(s['checks'], _src_stderr(s))}" for s in doc["scenarios"]
             if s.get("scenario") == "migrate-bare" and s["verdict"] != "pass"
-            and s.get("checks") and bare_shape(s["checks"])]
+            and s.get("checks") and bare_shape(s["checks"], _src_stderr(s))]
     return f"migrate-bare in a recorded shape ({', '.join(bare)})" if bare else ""
 
 
@@ -227,12 +227,20 @@ def test_the_tcg_fault_shapes_are_recognised_precisely(tmp_path: Path):
     assert not tcg_fault({"scenarios": [bare]}, tmp_path)
 
 
-def bare_shape(checks: list[dict]) -> str:
+def _src_stderr(s: dict) -> str:
+    try:
+        return (Path(s["artifacts"]["dir"]) / "src-qemu.stderr").read_text(errors="replace")
+    except (KeyError, OSError):
+        return ""
+
+
+def bare_shape(checks: list[dict], src_stderr: str = "") -> str:
     """Which recorded failure shape of migrate-bare under KVM in the host VM this is, or ''.
 
-    The destination L1 silent after a completed migration; the source's RAM save -EIO; or the
-    source L1 resetting itself mid-migration (registers dumped, the destination's own
-    "section footer" line)."""
+    The destination L1 silent after a completed migration; the source's RAM save -EIO, failed
+    or (CI, 2026-12-03) hung with no terminal state while its stderr said so and the
+    destination failed on a section footer; or the source L1 resetting itself mid-migration
+    (registers dumped, the destination's own "section footer" line)."""
     by = {c["name"]: c for c in checks}
     migrated = by["migration-completed"]
     detail = migrated["detail"]
@@ -240,6 +248,9 @@ def bare_shape(checks: list[dict]) -> str:
         return "dst-silent" if not by["l1-ssh-on-dst"]["ok"] else ""
     if "SaveStateEntry" in detail:
         return "src-ram-eio"
+    if detail.startswith("source status timeout") and "Read section footer failed" in detail \
+            and "failed to save SaveStateEntry with id(name): 2(ram): -5" in src_stderr:
+        return "src-ram-eio-hung"
     if f"{L1_RESET}; L1 reset itself at" in detail and "reset-registers.txt" in detail \
             and "Read section footer failed" in detail:
         return "src-reset"
@@ -261,6 +272,13 @@ def test_the_bare_shapes_are_recognised_precisely():
     assert bare_shape(rec(False, reset.replace("Read section footer failed", "x"))) == ""
     assert bare_shape(rec(False, "failed to save SaveStateEntry with id(name): 2(ram): -5")) \
         == "src-ram-eio"
+    hung = ("source status timeout: src: no terminal migration state in 240s; destination: "
+            "check_section_footer: Read section footer failed: -5 (nested state: bare)")
+    eio = "qemu-system-x86_64: failed to save SaveStateEntry with id(name): 2(ram): -5\n"
+    assert bare_shape(rec(False, hung), eio) == "src-ram-eio-hung"
+    assert bare_shape(rec(False, hung), "") == ""  # the source said nothing: judged
+    assert bare_shape(rec(False, hung.replace("Read section footer failed", "x")), eio) == ""
+    assert bare_shape(rec(False, hung.replace("source status timeout", "dst failed")), eio) == ""
     assert bare_shape(rec(False, "killed by signal 8 (SIGFPE)")) == ""
     assert bare_shape(rec(True, "completed")) == "dst-silent"
     assert bare_shape(rec(True, "completed", ssh=True)) == ""

@@ -106,7 +106,8 @@ KVM_SCENARIOS = ("migrate-nested-guest-mode", "migrate-bare", "dirty-ring")
 # The failure shapes of TCG's nested SVM emulation under this host VM's KVM, each recorded with
 # its console and results (README, "KVM host VM", findings), and not nestvirt's doing. With
 # two host VM vCPUs they decided most runs; with one (the default now) only the last of them
-# was seen (twice), but each is still told apart from a real red:
+# (twice) and migrate-bare's RAM save -EIO (once, hung) were seen, but each is still told
+# apart from a real red:
 # - the host VM's own kernel dies in a KVM vCPU thread with a recursive page fault
 #   ("TASK stack guard page was hit", exc_page_fault faulting on its own %gs access while the
 #   inner L1's FS/GS are loaded);

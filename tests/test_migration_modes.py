@@ -61,3 +61,37 @@ def test_summarize_stats_flattens_query_migrate():
     assert s["total_time_ms"] == 700 and s["downtime_ms"] == 12
     assert s["ram_pages_per_second"] == 4000 and s["ram_multifd_bytes"] == 9
     assert s["compression_compression_rate"] == 2.5
+
+
+def test_a_timed_out_migration_says_the_sources_own_failure_line():
+    """A source that printed why (CI, 2026-12-03: its RAM save -EIO, then no terminal state)
+    has that line in the timeout's detail; one that printed no failure adds nothing."""
+    import time
+
+    from harness.core.errors import StepTimeout
+    from harness.vm import migration
+
+    class Source:  # only what _wait_end asks of a Machine: a pure-logic stand-in
+        def __init__(self, failures: list[str]):
+            self.failures, self.cancelled = failures, False
+
+        def wait_qmp_event(self, names, timeout, match=None):
+            raise StepTimeout("no event")
+
+        def alive(self) -> bool:
+            return True
+
+        def qmp(self, command: str, **args):
+            self.cancelled = command == "migrate_cancel"
+
+        def failure_lines(self) -> list[str]:
+            return self.failures
+
+    line = "qemu-system-x86_64: failed to save SaveStateEntry with id(name): 2(ram): -5"
+    src = Source(["qemu-system-x86_64: an earlier failure", line])
+    status, why, _ = migration._wait_end(src, time.monotonic() + 0.05, 240, None, {"completed"})
+    assert status == "timeout" and src.cancelled
+    assert why == f"src: no terminal migration state in 240s; src said: {line}"
+    _, why, _ = migration._wait_end(Source([]), time.monotonic() + 0.05, 240, None,
+                                    {"completed"})
+    assert why == "src: no terminal migration state in 240s"

@@ -39,6 +39,18 @@ def content_key(paths: Iterable[Path], extra: Iterable[str] = ()) -> str:
     return h.hexdigest()[:16]
 
 
+def file_identity(path: str | Path) -> str:
+    """Path, size and mtime: enough for files the cache names by content or a package owns, or
+    a kernel or QEMU rebuilt in place (hashing a QEMU binary at every start would cost more
+    than a restore)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return f"{p}:missing"
+    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def file_digest(path: Path) -> str:
     """sha256 of one file, streamed."""
     h = hashlib.sha256()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core import proc
-from harness.core.cache import cache_root, content_key
+from harness.core.cache import cache_root, content_key, file_identity
 from harness.core.errors import SetupError, StepTimeout
 
 # Bumped when the disk's layout changes: older disks are then made again.
@@ -59,24 +59,12 @@ def disk_key(identity: dict[str, Any]) -> str:
     the CPU that an inner `-cpu host` sees, nothing else (not the root image, which changes
     with every edit of the project, nor memory)."""
     kernel = identity.get("kernel") or {}
-    cpu_inputs = {"format": DISK_FORMAT, "qemu": _stat_identity(identity.get("qemu")),
+    cpu_inputs = {"format": DISK_FORMAT, "qemu": file_identity(identity.get("qemu") or ""),
                   "qemu_version": identity.get("qemu_version"), "cpu": identity.get("cpu"),
                   "npt": identity.get("npt"), "kvm_amd": sorted(identity.get("kvm_amd") or []),
-                  "smp": identity.get("smp"), "kernel": _stat_identity(kernel.get("image")),
+                  "smp": identity.get("smp"), "kernel": file_identity(kernel.get("image") or ""),
                   "kernel_release": kernel.get("release")}
     return content_key([], extra=[json.dumps(cpu_inputs, sort_keys=True)])
-
-
-def _stat_identity(path: str | None) -> str:
-    """Path, size and mtime: a kernel or QEMU rebuilt in place (a kernel developer's own) is
-    another CPU for the inner run, even under the same name and version."""
-    if not path:
-        return ""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return f"{path}:missing"
-    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def disk_path(key: str) -> Path:

@@ -359,10 +359,14 @@ class Machine:
             time.sleep(0.05)
         return self.returncode
 
+    def failure_lines(self) -> list[str]:
+        """QEMU's stderr lines that say something failed (not its warnings)."""
+        return [x for x in self.error_lines() if "error" in x.lower() or "fail" in x.lower()]
+
     def error_line(self) -> str:
-        lines = self.error_lines()
-        errs = [x for x in lines if "error" in x.lower() or "fail" in x.lower()]
-        return errs[-1] if errs else lines[-1] if lines else self.exit_story()
+        errs = self.failure_lines()
+        lines = errs or self.error_lines()
+        return lines[-1] if lines else self.exit_story()
 
     def console_lines(self) -> list[str]:
         """Everything L1 printed on this QEMU's serial console so far."""

@@ -354,7 +354,11 @@ def _wait_end(src: Machine, deadline: float, timeout: float, stall_timeout: floa
         left = deadline - time.monotonic()
         if left <= 0:
             _cancel(src)
-            return "timeout", f"src: no terminal migration state in {timeout:g}s", None
+            # The source's own line when it printed one (a RAM save -EIO that left it hung
+            # without a terminal state): a timeout alone does not say why.
+            said = src.failure_lines()[-1:]
+            return "timeout", f"src: no terminal migration state in {timeout:g}s" + \
+                (f"; src said: {said[0]}" if said else ""), None
         try:
             ev = src.wait_qmp_event({"MIGRATION"}, min(left, 0.5),
                                     match=lambda e: e.get("data", {}).get("status") in wanted)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from harness.core.cache import cache_root, content_key, file_digest, locked
+from harness.core.cache import cache_root, content_key, file_digest, file_identity, locked
 from harness.core.errors import NestvirtError, StepTimeout
 from harness.core.paths import TEMPLATES
 from harness.vm.machine import Machine, MachineConfig, QmpCommandError
@@ -85,17 +85,6 @@ class SnapshotImage:
                    inputs=dict(d.get("inputs") or {}))
 
 
-def _file_identity(path: str | Path) -> str:
-    """Path, size and mtime: enough for files the cache names by content or a package owns
-    (hashing a QEMU binary at every start would cost more than the restore)."""
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError:
-        return f"{p}:missing"
-    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def _named_by_content(path: str | Path) -> str:
     """An initramfs is named by its content key (guest/image.py: build_l1, with_overlay): its
     name and size say what it is wherever it lies (a selftest run puts its own in its run
@@ -113,10 +102,10 @@ def key_inputs(cfg: MachineConfig, qemu_version: str, recipe: str = "") -> dict[
     caller's recipe (a digest of how it prepares the machine before saving)."""
     return {
         "format": SNAPSHOT_FORMAT, "recipe": recipe,
-        "qemu": _file_identity(cfg.qemu), "qemu_version": qemu_version,
+        "qemu": file_identity(cfg.qemu), "qemu_version": qemu_version,
         "module_dir": cfg.module_dir,
-        "firmware_dirs": [_file_identity(d) for d in cfg.firmware_dirs],
-        "kernel": _file_identity(cfg.kernel), "initrd": _named_by_content(cfg.initrd),
+        "firmware_dirs": [file_identity(d) for d in cfg.firmware_dirs],
+        "kernel": file_identity(cfg.kernel), "initrd": _named_by_content(cfg.initrd),
         "machine": cfg.machine, "accel": cfg.accel, "cpu": cfg.cpu, "mem_mib": cfg.mem_mib,
         "mem_extra_kib": cfg.mem_extra_kib, "smp": cfg.smp, "append": cfg.append,
         "extra_args": list(cfg.extra_args),

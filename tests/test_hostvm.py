@@ -147,12 +147,12 @@ def l1_reset_seen(s: dict, out: Path) -> bool:
 
 def tcg_fault(doc: dict, out: Path) -> str:
     """Which recorded TCG shape this run hit ('' for none): the host VM panic or an L1 reset."""
-    first = doc["scenarios"][0] if doc["scenarios"] else {}
+    first = next((s for s in doc["scenarios"] if s["id"] == "hostvm"), {})
     console = "".join(f.read_text(errors="replace") for f in out.glob("**/hostvm-console.log"))
     # The reason carries the panic's last lines; the BUG line that names it sits higher up.
-    if first.get("id") == "hostvm" and HOST_VM_PANIC in console:
+    if first and HOST_VM_PANIC in console:
         return f"host VM panic: {first.get('reason', '')[:200]}"
-    if first.get("id") == "hostvm" and (first.get("reason") or "").startswith(HOST_VM_SILENT) \
+    if first and (first.get("reason") or "").startswith(HOST_VM_SILENT) \
             and not FATAL_LINE.search(console):  # a kernel's dying words: judged, not excused
         return f"host VM silent, its vCPU stuck: {first.get('reason', '')[:120]}"
     reset = [s["id"] for s in doc["scenarios"] if s["verdict"] != "pass" and l1_reset_seen(s, out)]
@@ -164,13 +164,22 @@ def tcg_fault(doc: dict, out: Path) -> str:
     return f"migrate-bare in a recorded shape ({', '.join(bare)})" if bare else ""
 
 
+# One run, two places: migrate-plain here under TCG, the KVM paths in one host VM boot (the
+# matrix's in_hostvm axis; dirty-ring's 2-vCPU L1 there through the KVM-aware host budget).
+MIXED_MATRIX = ("nestvirt_matrix: 1\nname: kvm-mixed\ninclude:\n"
+                "  - scenario: migrate-plain\n    compression: none\n"
+                f"  - scenario: [{', '.join(KVM_SCENARIOS)}]\n"
+                "    compression: multifd-zstd\n    in_hostvm: true\n")
+
+
 @pytest.fixture(scope="module")
 def kvm_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     seen = []
+    matrix = tmp_path_factory.mktemp("matrix") / "kvm-mixed.yaml"
+    matrix.write_text(MIXED_MATRIX)
     for attempt in range(2):
         out = tmp_path_factory.mktemp(f"hostvm-kvm{attempt}")
-        cp = nestvirt("run", "--in-hostvm", *KVM_SCENARIOS, "--compression", "multifd-zstd",
-                      "--out", str(out), timeout=900)
+        cp = nestvirt("run", "--matrix", str(matrix), "--out", str(out), timeout=900)
         doc = json.loads((out / "results.json").read_text())
         fault = tcg_fault(doc, out)
         if not fault:
@@ -287,15 +296,23 @@ def test_the_bare_shapes_are_recognised_precisely():
 def test_kvm_paths_run_inside_one_host_vm(kvm_run):
     cp, out = kvm_run
     doc = json.loads((out / "results.json").read_text())
-    by_name = {s["scenario"]: s for s in doc["scenarios"]}
-    assert set(by_name) == set(KVM_SCENARIOS), cp.stderr[-2000:]
-    # The inner probe is the run's host: real KVM, AMD, nested state, no eVMCS, a dirty ring.
-    host = doc["host"]
+    ids = [s["id"] for s in doc["scenarios"]]
+    # This host's combination first, then the host VM's, each under its own id.
+    assert ids == ["migrate-plain/none"] + [f"{n}/multifd-zstd+hostvm" for n in KVM_SCENARIOS], \
+        cp.stderr[-2000:]
+    assert doc["matrix"]["in_hostvm"] == len(KVM_SCENARIOS)
+    by_name = {s["scenario"]: s for s in doc["scenarios"][1:]}
+    # This host is TCG; the host VM part's host is its inner probe: real KVM, AMD, nested
+    # state, no eVMCS, a dirty ring.
+    assert doc["host"]["accel"] == "tcg"
+    assert "hostvm" not in doc["scenarios"][0]["metrics"]
+    host = doc["hostvm"]["host"]
     assert host["accel"] == "kvm" and host["kvm"]["module"] == "kvm_amd"
     caps = host["kvm"]["caps"]
     assert caps["nested_state"] and not caps["hyperv_enlightened_vmcs"] and caps["dirty_log_ring"]
-    hv = doc["run"]["hostvm"]
+    hv = doc["hostvm"]
     assert hv["accel"] == "tcg" and hv["mem_mib"] >= 2048 and hv["qemu_version"]
+    assert Path(hv["results"]).is_file()
     for s in doc["scenarios"]:
         assert Path(s["artifacts"]["dir"]).is_dir()  # read back beside results.json
         assert s["verdict"] == "pass", (s["id"], s["reason"])

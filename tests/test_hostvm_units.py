@@ -292,6 +292,29 @@ def test_dirty_limit_judgements_can_fail():
     assert not dl.outruns_check({**base, "status": "source-died"}).ok
 
 
+def test_a_dirty_limit_row_is_excused_only_by_qemus_own_dead_band():
+    from harness.bench import dirtylimit as dl
+
+    # The row of 2026-12-03 in the host VM: quota 2, QEMU read vCPU 0 at 19, slept none.
+    row = {"policy": "dirty-limit", "status": "timeout", "converged": False, "seconds": 150.8,
+           "cap_mib_s": 6, "vcpu_dirty_limit_mb_s": 2,
+           "throttle": {"dirty_limit_throttle_time_per_round_us_max": 0},
+           "limit_after_cancel": [{"cpu-index": 0, "limit-rate": 2, "current-rate": 19},
+                                  {"cpu-index": 1, "limit-rate": 2, "current-rate": 3}]}
+    c = dl.dead_band_check(row, 13.4)
+    assert c is not None and c.ok and c.name == "dirty-limit-in-dead-band"
+    assert "[19, 3]" in c.detail and "below 27 MB/s" in c.detail
+    # Each deliberately broken case falls back to migration-completed (which fails the row):
+    above = [{"cpu-index": 0, "limit-rate": 2, "current-rate": 40}]
+    for broken in ({**row, "limit_after_cancel": above},       # a rate QEMU should have slept
+                   {**row, "throttle": {"dirty_limit_throttle_time_per_round_us_max": 800}},
+                   {**row, "throttle": {}},                     # no reading of its sleep
+                   {**row, "limit_after_cancel": []},           # no reading of its rates
+                   {**row, "cap_mib_s": 40},                    # a cap dirty limit could beat
+                   {**row, "converged": True, "status": "completed"}):
+        assert dl.dead_band_check(broken, 13.4) is None, broken
+
+
 def test_guest_rates_read_both_columns_in_three_windows():
     from harness.bench import dirtylimit as dl
 
@@ -372,6 +395,6 @@ def test_a_matrix_run_is_bounded_by_its_files_combinations():
     from harness.matrix.files import combinations, load_matrix
 
     m = load_matrix(Path(__file__).resolve().parent.parent / "ci" / "hostvm-kvm.yaml")
-    assert combinations(m) == 3  # 2 scenarios x 1 mode, then 1 x 1
+    assert combinations(m) == 4  # 2 scenarios x 1 mode, then 1 x 1, then dirty-ring (none)
     assert matrix_bound(4) < matrix_bound(5) < matrix_bound(5, repeat=2)
     assert matrix_bound(0) == matrix_bound(1)  # never shorter than one variant

@@ -33,6 +33,25 @@ def test_capabilities_and_parameters():
     assert MigrationMode("none").capabilities() == {"events": True}
     assert "downtime-limit" not in MigrationMode("none").parameters("src")  # QEMU's default kept
     assert MigrationMode("xbzrle", downtime_limit_ms=1000).parameters("src")["downtime-limit"] == 1000
+    # auto-converge is a capability of its own, beside any mode's
+    ac = MigrationMode("multifd-zlib", auto_converge=True).capabilities()
+    assert ac == {"events": True, "multifd": True, "auto-converge": True}
+    assert "auto-converge" not in MigrationMode("multifd-zlib").capabilities()
+
+
+def test_auto_converge_is_a_matrix_axis_and_names_its_variant():
+    from harness.matrix.files import expand_matrix, parse_matrix
+
+    host = HostFacts.from_json(json.loads((DATA / "hosts" / "tcg-debian12.json").read_text()))
+    plan = expand_matrix(parse_matrix({"nestvirt_matrix": 1, "name": "ac", "include": [
+        {"scenario": "migrate-nested", "compression": "multifd-zlib",
+         "auto_converge": [False, True]}]}, "ac.yaml"), host)
+    assert [p.id for p in plan.variants] == ["migrate-nested/multifd-zlib",
+                                             "migrate-nested/multifd-zlib+auto_converge=on"]
+    assert plan.variants[1].variant.mode.capabilities()["auto-converge"]
+    with pytest.raises(UsageError, match="auto_converge"):
+        parse_matrix({"nestvirt_matrix": 1, "name": "ac", "include": [
+            {"scenario": "migrate-nested", "auto_converge": "yes"}]}, "ac.yaml")
 
 
 @pytest.mark.parametrize("kw", [{"compression": "gzip"}, {"compression": "multifd-zlib", "level": 12},

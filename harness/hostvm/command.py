@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness.core import slow
@@ -124,10 +125,11 @@ def _boot(p, args: argparse.Namespace) -> int:
 
 
 def cmd_run_in_hostvm(args: argparse.Namespace, raw: list[str], *,
-                      matrix_text: str | None = None, matrix_combos: int = 0) -> int:
+                      matrix_text: str | None = None,
+                      matrix_combos: Sequence[str] = ()) -> int:
     """`run --in-hostvm`: bad input checked here first, then one host VM for every variant.
-    With a matrix file (read and checked by the caller: ``matrix_text`` and its number of
-    combinations), the file travels in the job and the inner run reads it from there."""
+    With a matrix file (read and checked by the caller: ``matrix_text`` and the scenario of
+    each of its combinations), the file travels in the job and the inner run reads it from there."""
     from harness.core import slow
     from harness.hostvm.job import JOB_DIR
     from harness.hostvm.run import inner_args, matrix_bound
@@ -139,11 +141,46 @@ def cmd_run_in_hostvm(args: argparse.Namespace, raw: list[str], *,
     if matrix_text is None:
         return cmd_in_hostvm(args, "run", inner_args(after_command(raw, "run")),
                              deadline_s=args.hostvm_deadline)
-    inner = [*inner_args(after_command(raw, "run"), drop_valued=("--matrix",)),
-             "--matrix", f"{JOB_DIR}/matrix.yaml"]
+    # The whole file runs inside (the in_hostvm axis is moot there) unless a part was asked.
+    part = getattr(args, "matrix_part", "split")
+    inner = [*inner_args(after_command(raw, "run"), drop_valued=("--matrix", "--matrix-part")),
+             "--matrix", f"{JOB_DIR}/matrix.yaml",
+             "--matrix-part", "all" if part == "split" else part]
     bound = args.hostvm_deadline or slow.scaled(matrix_bound(matrix_combos, args.repeat or 1))
     return cmd_in_hostvm(args, "run", inner, deadline_s=bound,
                          job_files={"matrix.yaml": matrix_text})
+
+
+HOSTVM_PART_DIR = "in-hostvm"
+
+
+def run_matrix_hostvm_part(args: argparse.Namespace, raw: list[str], prepared, out: Path,
+                           matrix_text: str, combos: Sequence[str]):
+    """The in_hostvm combinations of a matrix run here: one host VM boot runs them with
+    ``--matrix-part hostvm --accel kvm``; its results.json lands in OUT/in-hostvm and its
+    results are returned (host facts of the inner probe, results, run info) for the outer run
+    to merge. ``prepared``: the host VM, made (and its options checked) before anything ran."""
+    from harness.core import slow
+    from harness.hostvm.job import JOB_DIR
+    from harness.hostvm.run import inner_args, matrix_bound, run_in_hostvm
+
+    inner = [*inner_args(after_command(raw, "run"), drop_valued=("--matrix", "--matrix-part")),
+             "--matrix", f"{JOB_DIR}/matrix.yaml", "--matrix-part", "hostvm"]
+    bound = args.hostvm_deadline or slow.scaled(matrix_bound(combos, args.repeat or 1))
+    if not args.json:
+        print(f"nestvirt: {len(combos)} combination(s) in the KVM host VM: QEMU "
+              f"{prepared.spec.qemu_version} TCG -cpu {prepared.spec.cpu}, "
+              f"{prepared.spec.mem_mib} MiB, {prepared.spec.smp} vCPUs", file=sys.stderr)
+
+    def show(ev: dict[str, str]) -> None:
+        if not args.json and ev["event"] in ("ready", "job-done", "fatal"):
+            print(f"nestvirt: host VM {ev['event']} at {ev['t']}s", file=sys.stderr)
+
+    part_out = out / HOSTVM_PART_DIR
+    part_out.mkdir(parents=True, exist_ok=True)
+    return run_in_hostvm(prepared, inner, part_out, deadline_s=bound,
+                         job_files={"matrix.yaml": matrix_text}, on_event=show,
+                         cache=not getattr(args, "hostvm_no_cache", False))
 
 
 def after_command(raw: list[str], command: str) -> list[str]:

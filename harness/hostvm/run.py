@@ -98,10 +98,13 @@ def run_bound(args: Sequence[str]) -> float:
     return BOOT_BOUND_S + per * repeat
 
 
-def matrix_bound(variants: int, repeat: int = 1) -> float:
+def matrix_bound(variants: int | Sequence[str], repeat: int = 1) -> float:
     """The bound on `run --in-hostvm --matrix FILE` (unscaled): boot plus a variant's bound for
-    each of the file's combinations (before pruning, so never short) and repeat."""
-    return BOOT_BOUND_S + max(1, variants) * VARIANT_BOUND_S * max(1, repeat)
+    each of the file's combinations (before pruning, so never short) and repeat. Given the
+    combinations' scenario names, the long ones get their own bound (SCENARIO_BOUND_S)."""
+    names = [""] * variants if isinstance(variants, int) else list(variants)
+    per = sum(SCENARIO_BOUND_S.get(n, VARIANT_BOUND_S) for n in names) or VARIANT_BOUND_S
+    return BOOT_BOUND_S + per * max(1, repeat)
 
 
 def inner_path(path: str, local: Path) -> str:

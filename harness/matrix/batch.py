@@ -20,8 +20,10 @@ from typing import Any
 from harness.core.errors import UsageError
 from harness.guest.image import L1Image
 from harness.matrix.files import (
+    PARTS,
     Plan,
     PlannedVariant,
+    combination_scenarios,
     expand_matrix,
     load_matrix,
     matrix_id,
@@ -61,6 +63,10 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
     """Options `run` gains for matrix, parallel, repeated and replayed runs."""
     r.add_argument("--matrix", type=Path, metavar="FILE",
                    help="run the variants of a matrix file (ci/smoke.yaml, ci/nightly.yaml)")
+    r.add_argument("--matrix-part", choices=("split", *PARTS), default="split",
+                   help="which of the matrix's combinations run: split (default) those with "
+                   "in_hostvm: true in one KVM host VM and the rest here; here, hostvm or all "
+                   "of them here")
     r.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
                    help="variants at once, each in its own process (0: as many as the host "
                         "budget allows); never more than the host's CPUs and memory allow")
@@ -80,7 +86,8 @@ def mode_knobs(args: argparse.Namespace) -> dict[str, Any]:
             "decompress_threads": args.decompress_threads, "level": args.level,
             "wait_thread": args.wait_thread == "on", "xbzrle_cache_mib": args.xbzrle_cache_mib,
             "transport": args.transport, "downtime_limit_ms": args.downtime_limit_ms,
-            "max_bandwidth_mib": args.max_bandwidth_mib, "tls": args.tls}
+            "max_bandwidth_mib": args.max_bandwidth_mib, "tls": args.tls,
+            "auto_converge": args.auto_converge}
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,6 +173,8 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
                              "drop SCENARIO/--compression/--profile/--hv/--src-qemu/--dst-qemu "
                              "(its axes qemu and dst_qemu name binaries)")
         matrix = load_matrix(args.matrix)
+    elif args.matrix_part != "split":
+        raise UsageError("--matrix-part goes with --matrix")
     else:
         variants = expand(args.scenarios, args.compression, knobs, inject=args.inject,
                           guest_mode_retries=args.guest_mode_retries)
@@ -184,8 +193,11 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     if vdoc and vdoc.get("qemu") and vdoc["qemu"].get("version") not in (None, facts.qemu.version):
         print(f"nestvirt: warning: variant ran on QEMU {vdoc['qemu']['version']}, this one is "
               f"{facts.qemu.version} ({facts.qemu.binary})", file=sys.stderr)
+    hostvm_part = None
     if matrix is not None:
-        plan = expand_matrix(matrix, facts, inject=args.inject)
+        part = "here" if args.matrix_part == "split" else args.matrix_part
+        plan = expand_matrix(matrix, facts, inject=args.inject, part=part)
+        hostvm_part = _hostvm_part(args, matrix) if args.matrix_part == "split" else None
     elif vdoc is not None:
         # The bundle's id (without a repeat's "#k"), so the re-run reads like the original.
         vid = (vdoc.get("id") or matrix_id(variant)).split("#")[0]
@@ -203,6 +215,8 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
             replace(pv, variant=replace(pv.variant, guest_mode_retries=args.guest_mode_retries))
             for pv in plan.variants))
     budget = HostBudget()
+    if facts.accel == "kvm":
+        plan = fit_kvm_vcpus(plan, budget.cpus)
     parallel = args.jobs if args.jobs else (budget.cpus if args.jobs == 0 else 1)
     check_injects((pv.variant for pv in plan.variants), opts["dst_host"], parallel)
     if image is None:
@@ -216,20 +230,26 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
                           until_fail=args.until_fail,
                           budget={"cpus": budget.cpus, "mem_reserve_mib": budget.mem_reserve_mib})
     extra: dict[str, Any] = {"matrix": {"name": plan.name, "source": plan.source,
-                                        "variants": len(plan.variants)},
+                                        "variants": len(plan.variants),
+                                        "part": getattr(args, "matrix_part", "split"),
+                                        "in_hostvm": len(hostvm_part.combos) if hostvm_part
+                                        else 0},
                              "pruned": [p.to_json() for p in plan.pruned]}
     print(f"nestvirt: {plan.name}: {len(plan.variants)} variant(s)"
           + (f" x {repeat} attempts" if repeat > 1 else "")
           + (f", {len(plan.pruned)} pruned" if plan.pruned else "")
+          + (f", {len(hostvm_part.combos)} combination(s) after them in the KVM host VM"
+             if hostvm_part else "")
           + f"; {parallel} at once, host budget {budget.cpus} CPU(s)", file=sys.stderr)
     host = facts.to_json()
     records: dict[tuple[int, int], dict[str, Any]] = {}
     t0 = time.monotonic()
     stop: dict[str, Any] = {}
+    inside: list[ScenarioResult] = []  # the host VM part's results, after this host's
 
     def save() -> list[ScenarioResult]:
         ordered = [records[k] for k in sorted(records)]
-        results = [ScenarioResult.from_json(r["result"]) for r in ordered]
+        results = [ScenarioResult.from_json(r["result"]) for r in ordered] + inside
         if repeat > 1:
             extra["repeats"] = failure_rates(ordered)
         if stop:
@@ -251,6 +271,13 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
 
     try:
         run_jobs(jobs, parallel=parallel, budget=budget, on_done=on_done)
+        if hostvm_part is not None and not stop:
+            inner_host, got, info = hostvm_part.run(out)
+            inside.extend(got)
+            # The host VM's identity and how it went, its inner probe as the part's host.
+            extra["hostvm"] = {**info["hostvm"], "host": inner_host, "seconds": info["seconds"],
+                               "inner": info.get("inner"),
+                               "results": str(out / hostvm_part.subdir / "results.json")}
     finally:
         # Reached on Ctrl-C too: what finished is kept, and every view is written from it.
         results = save()
@@ -264,6 +291,51 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     if vdoc is not None and vdoc.get("original") and results:
         print(compare_failure(vdoc["original"], results[-1]))
     return exit_status(results)
+
+
+class _HostVMPart:
+    """A matrix's in_hostvm combinations, bound to their host VM (made before any run)."""
+
+    def __init__(self, args: argparse.Namespace, matrix: Any) -> None:
+        from harness.hostvm.command import HOSTVM_PART_DIR, prepare_from
+
+        self.args, self.matrix = args, matrix
+        self.combos = combination_scenarios(matrix, "hostvm")
+        self.subdir = HOSTVM_PART_DIR
+        # Its options checked and its image built now: bad input is said before anything runs.
+        self.prepared = prepare_from(args)
+
+    def run(self, out: Path) -> tuple[dict[str, Any], list[ScenarioResult], dict[str, Any]]:
+        from harness.hostvm.command import run_matrix_hostvm_part
+
+        return run_matrix_hostvm_part(self.args, self.args.raw_argv, self.prepared, out,
+                                      self.matrix_text(), self.combos)
+
+    def matrix_text(self) -> str:
+        return Path(self.matrix.source).read_text()
+
+
+def _hostvm_part(args: argparse.Namespace, matrix: Any) -> _HostVMPart | None:
+    from harness.matrix.files import has_hostvm_part
+
+    if not has_hostvm_part(matrix):
+        return None
+    if getattr(args, "dst_host", None):
+        raise UsageError("in_hostvm combinations do not combine with --dst-host")
+    if getattr(args, "accel", None) == "tcg":
+        raise UsageError("in_hostvm combinations run with --accel kvm in the host VM; drop "
+                         "--accel tcg or run --matrix-part here")
+    return _HostVMPart(args, matrix)
+
+
+def fit_kvm_vcpus(plan: Plan, cpus: int) -> Plan:
+    """Under KVM a vCPU is a host thread that runs when its guest does, not a core TCG keeps
+    busy: a variant with more vCPUs than the host has CPUs still runs (alone: it holds them
+    all), where under TCG it is skipped. The one-vCPU KVM host VM runs dirty-ring's 2-vCPU L1
+    this way."""
+    fitted = tuple(replace(pv, needs=replace(pv.needs, cpus=min(pv.needs.cpus, cpus)))
+                   for pv in plan.variants)
+    return replace(plan, variants=fitted)
 
 
 def matrix_paths(matrix: Any) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -51,6 +50,7 @@ MODE_KNOBS: Mapping[str, tuple[str, ...]] = {
     "max_bandwidth_mib": COMPRESSION_MODES,
     "downtime_limit_ms": COMPRESSION_MODES,
     "tls": COMPRESSION_MODES,
+    "auto_converge": COMPRESSION_MODES,
 }
 # ScenarioSpec fields that size the guest and its workload.
 GUEST_FIELDS = ("mem_mib", "smp", "l1_mib", "l1_threads", "l1_rate_mib_s", "l2_pages")
@@ -58,8 +58,15 @@ GUEST_FIELDS = ("mem_mib", "smp", "l1_mib", "l1_threads", "l1_rate_mib_s", "l2_p
 # qemu / dst_qemu: binary selectors (a name from `nestvirt qemu`, newest, oldest, a version
 # such as "7.2", or a path); dst_qemu alone keeps the source on the newest binary.
 QEMU_AXES = ("qemu", "dst_qemu")
-AXES = ("scenario", *QEMU_AXES, "profile", "hv", "guest", *GUEST_FIELDS, "compression",
-        *MODE_KNOBS, "inject")
+# in_hostvm: true sends a combination into the KVM host VM (one boot for all of them, run with
+# --accel kvm there); false or absent runs it here. [false, true] runs it in both places.
+HOSTVM_AXIS = "in_hostvm"
+HOSTVM_ID = "+hostvm"
+AXES = ("scenario", HOSTVM_AXIS, *QEMU_AXES, "profile", "hv", "guest", *GUEST_FIELDS,
+        "compression", *MODE_KNOBS, "inject")
+# Which combinations one expansion keeps: "all" every one, "here" those without in_hostvm,
+# "hostvm" only those with it (what the host VM's inner run is given).
+PARTS = ("all", "here", "hostvm")
 _INT_AXES = frozenset({"channels", "threads", "decompress_threads", "level", "xbzrle_cache_mib",
                        "max_bandwidth_mib", "downtime_limit_ms", *GUEST_FIELDS})
 _STR_AXES = frozenset({"scenario", "profile", "hv", "compression", "transport", "inject", "tls",
@@ -119,6 +126,7 @@ class PlannedVariant:
     variant: Variant
     needs: Resources
     origin: str = ""  # where it came from: "ci/smoke.yaml include[0]"
+    in_hostvm: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,12 +149,16 @@ class Plan:
     source: str
     variants: tuple[PlannedVariant, ...]
     pruned: tuple[Pruned, ...] = ()
+    # Combinations of the other part (expand_matrix's ``part``), unexpanded: "hostvm" ones
+    # are judged against the host VM's inner probe, not this host's.
+    elsewhere: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source,
-                "variants": [{"index": p.index, "id": p.id, "needs": p.needs.to_json()}
+                "variants": [{"index": p.index, "id": p.id, "needs": p.needs.to_json(),
+                              **({HOSTVM_AXIS: True} if p.in_hostvm else {})}
                              for p in self.variants],
-                "pruned": [p.to_json() for p in self.pruned]}
+                "pruned": [p.to_json() for p in self.pruned], "elsewhere": self.elsewhere}
 
 
 @dataclass(frozen=True)
@@ -267,9 +279,9 @@ def _check_value(key: str, v: Any, where: str, profiles: set[str]) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (v == 0 and key != "level"):
             raise UsageError(f"{where}: {key}={v!r}: expected a positive integer")
         return
-    if key == "wait_thread":
+    if key in ("wait_thread", "auto_converge", HOSTVM_AXIS):
         if not isinstance(v, bool):
-            raise UsageError(f"{where}: wait_thread={v!r}: expected true or false")
+            raise UsageError(f"{where}: {key}={v!r}: expected true or false")
         return
     if not isinstance(v, str):
         hint = f" (quote it: '{v}')" if key in QEMU_AXES and isinstance(v, (int, float)) else ""
@@ -292,26 +304,53 @@ def _check_value(key: str, v: Any, where: str, profiles: set[str]) -> None:
 # expansion
 
 
-def combinations(matrix: MatrixSpec) -> int:
-    """How many combinations the file's blocks make before pruning (an upper bound on its
-    variants: a bound on a whole run is sized from it)."""
-    return sum(math.prod(len(v) for v in block.values()) for block in matrix.blocks)
+def combinations(matrix: MatrixSpec, part: str = "all") -> int:
+    """How many combinations the file's blocks make before pruning, of ``part`` (an upper
+    bound on its variants: a bound on a whole run is sized from it)."""
+    return len(combination_scenarios(matrix, part))
 
 
-def expand_matrix(matrix: MatrixSpec, host: HostLike, inject: str | None = None) -> Plan:
+def combination_scenarios(matrix: MatrixSpec, part: str = "all") -> list[str]:
+    """The scenario of each combination of ``part``, before pruning (a bound per scenario)."""
+    return [combo["scenario"] for block in matrix.blocks for combo in _combos(block)
+            if _in_part(combo, part)]
+
+
+def has_hostvm_part(matrix: MatrixSpec) -> bool:
+    """True when some combination of the file runs in the KVM host VM."""
+    return any(True in block.get(HOSTVM_AXIS, []) for block in matrix.blocks)
+
+
+def _combos(block: Mapping[str, list[Any]]) -> Iterable[dict[str, Any]]:
+    keys = [k for k in AXES if k in block]
+    for values in itertools.product(*(block[k] for k in keys)):
+        yield dict(zip(keys, values, strict=True))
+
+
+def _in_part(combo: Mapping[str, Any], part: str) -> bool:
+    if part not in PARTS:
+        raise UsageError(f"unknown matrix part '{part}' (choose from {', '.join(PARTS)})")
+    return part == "all" or bool(combo.get(HOSTVM_AXIS)) == (part == "hostvm")
+
+
+def expand_matrix(matrix: MatrixSpec, host: HostLike, inject: str | None = None,
+                  part: str = "all") -> Plan:
     """Every block's product -> variants in input order; invalid ones pruned with the reason.
 
     ``inject`` (the CLI's --inject) is laid over every combination. A combination that appears
-    twice (two blocks overlapping) runs once, at its first place.
+    twice (two blocks overlapping) runs once, at its first place. ``part`` (PARTS) keeps the
+    combinations run here or those run in the host VM; the others are only counted.
     """
     variants: list[PlannedVariant] = []
     pruned: list[Pruned] = []
     seen: set[str] = set()
+    elsewhere = 0
     for bi, block in enumerate(matrix.blocks):
         origin = f"{matrix.source} include[{bi}]"
-        keys = [k for k in AXES if k in block]
-        for values in itertools.product(*(block[k] for k in keys)):
-            combo = dict(zip(keys, values, strict=True))
+        for combo in _combos(block):
+            if not _in_part(combo, part):
+                elsewhere += 1
+                continue
             if inject is not None:
                 combo["inject"] = inject
             vid, variant, reason = _build(combo, matrix, host)
@@ -322,8 +361,9 @@ def expand_matrix(matrix: MatrixSpec, host: HostLike, inject: str | None = None)
                 pruned.append(Pruned(vid, reason or "invalid", origin))
             else:
                 variants.append(PlannedVariant(len(variants), vid, variant,
-                                               needs(variant.spec), origin))
-    return Plan(matrix.name, matrix.source, tuple(variants), tuple(pruned))
+                                               needs(variant.spec), origin,
+                                               in_hostvm=bool(combo.get(HOSTVM_AXIS))))
+    return Plan(matrix.name, matrix.source, tuple(variants), tuple(pruned), elsewhere)
 
 
 def plan_from_variants(variants: Iterable[Variant], name: str, source: str) -> Plan:
@@ -352,8 +392,9 @@ def _build(combo: dict[str, Any], matrix: MatrixSpec,
     label = f"{profile_name or 'none'}+{hv}" if hv else (profile_name or "none")
     qemu_sel = {k: combo[k] for k in QEMU_AXES if combo.get(k) is not None}
     tls = f"+tls={knobs['tls']}" if knobs.get("tls", "none") != "none" else ""
+    where = HOSTVM_ID if combo.get(HOSTVM_AXIS) else ""
     provisional = _id_text(f"{name}/{compression}" + ("" if label == "none" else f"/{label}")
-                           + tls, spec, base, knobs, qemu_sel)
+                           + tls, spec, base, knobs, qemu_sel) + where
 
     for ex in matrix.excludes:
         if all(_matches(combo.get(k), v) for k, v in ex["match"].items()):
@@ -389,7 +430,7 @@ def _build(combo: dict[str, Any], matrix: MatrixSpec,
     # A path names its binary badly in an id (most end in qemu-system-x86_64): its name does.
     named = {k: (plan.src_name if k == "qemu" else plan.dst_name) if "/" in sel else sel
              for k, sel in qemu_sel.items()}
-    vid = matrix_id(variant, named)
+    vid = matrix_id(variant, named) + where
     fault_tls = get_fault(spec.inject).unfit(mode.tls, remote=True) if spec.inject else None
     reason = inject_reason(spec) or fault_tls or guest_reason(spec)
     return vid, variant, reason

@@ -72,7 +72,8 @@ if Resolver is not None:
 
                 matrix = load_matrix(path)
                 facts = probe_host("auto", extra=matrix_paths(matrix))
-                plan = expand_matrix(matrix, facts)
+                # in_hostvm combinations need the host VM's boot: `nestvirt run --matrix`.
+                plan = expand_matrix(matrix, facts, part="here")
                 image = build_l1(find_kernel(), build_tools())
                 recipes = runnables(plan, facts.to_json(), image.to_json(),
                                     signatures_json(known.load()))
@@ -80,6 +81,9 @@ if Resolver is not None:
                 return ReferenceResolution(reference, ReferenceResolutionResult.ERROR,
                                            info=f"nestvirt: {e}")
             info = "; ".join(f"pruned {p.id}: {p.reason}" for p in plan.pruned)
+            if plan.elsewhere:
+                info += (("; " if info else "") + f"{plan.elsewhere} in_hostvm combination(s) "
+                         f"left out: they run through `nestvirt run --matrix {reference}`")
             return ReferenceResolution(reference, ReferenceResolutionResult.SUCCESS,
                                        [Runnable.from_dict(r) for r in recipes], info=info)
 

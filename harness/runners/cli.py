@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--downtime-limit-ms", type=int, metavar="MS",
                    help="QEMU downtime-limit (default: QEMU's own, 300): larger converges in "
                         "fewer dirty syncs")
+    r.add_argument("--auto-converge", action="store_true",
+                   help="QEMU's auto-converge capability: throttle the guest's vCPUs when it "
+                        "dirties faster than the stream")
     r.add_argument("--profile", help="Hyper-V enlightenment profile for L1 (see templates/profiles.json)")
     r.add_argument("--hv", metavar="hv-a,hv-b,...", help="hv-* flags (laid over --profile)")
     r.add_argument("--known-issues", type=Path, metavar="FILE",
@@ -353,6 +356,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.repeat is not None and args.repeat < 1:
         # 0 is falsy: unchecked it fell through to the plain run of the whole suite.
         raise UsageError(f"--repeat must be at least 1 (got {args.repeat})")
+    if args.matrix_part != "split" and not args.matrix:
+        raise UsageError("--matrix-part goes with --matrix")
     if args.in_hostvm:
         from harness.hostvm.command import cmd_run_in_hostvm
 
@@ -362,12 +367,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                guest_mode_retries=args.guest_mode_retries)
         if args.matrix:
             # Checked here (a typo is one line before any boot); the text travels in the job.
-            from harness.matrix.files import combinations, load_matrix
+            from harness.matrix.files import combination_scenarios, load_matrix
 
             matrix = load_matrix(args.matrix)
+            part = "all" if args.matrix_part == "split" else args.matrix_part
             return cmd_run_in_hostvm(args, args.raw_argv,
                                      matrix_text=args.matrix.read_text(),
-                                     matrix_combos=combinations(matrix))
+                                     matrix_combos=combination_scenarios(matrix, part))
         return cmd_run_in_hostvm(args, args.raw_argv)
     if wants_batch(args):
         return cmd_run_batch(args)

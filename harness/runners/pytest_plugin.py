@@ -178,7 +178,9 @@ class MatrixFile(pytest.File):
         run = self.config.stash[RUN_KEY]
         try:
             matrix = load_matrix(self.path)
-            plan = expand_matrix(matrix, run.facts(matrix))
+            # in_hostvm combinations need the host VM's boot: `nestvirt run --matrix` runs them
+            # (the plan file counts them as elsewhere).
+            plan = expand_matrix(matrix, run.facts(matrix), part="here")
         except NestvirtError as e:
             raise self.CollectError(f"nestvirt: {e}") from e
         if not self.config.option.collectonly:  # --collect-only leaves no results dir behind

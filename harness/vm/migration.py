@@ -65,6 +65,9 @@ class MigrationMode:
     # QEMU 9.1+: the bandwidth QEMU assumes for the switchover decision (0: what it measured).
     avail_switchover_bandwidth_mib: int = 0
     tls: str = "none"
+    # QEMU's auto-converge: throttle the guest's vCPUs when it out-dirties the stream (a CPU
+    # bound mode in the one-vCPU host VM shares its CPU with them).
+    auto_converge: bool = False
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:
@@ -102,6 +105,8 @@ class MigrationMode:
             caps["compress"] = True
         elif self.compression == "xbzrle":
             caps["xbzrle"] = True
+        if self.auto_converge:
+            caps["auto-converge"] = True
         return caps
 
     def parameters(self, side: str) -> dict[str, Any]:

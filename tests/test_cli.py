@@ -71,8 +71,9 @@ def test_run_writes_results_json_and_exit_0(tmp_path: Path):
     for attempt in range(3):
         out = tmp_path / f"attempt{attempt}"
         # The 5 s downtime-limit keeps the migration to one live pass (tests/test_scenarios.py).
+        # --auto-converge rides along: QEMU itself must read it back on both sides.
         cp = nestvirt("run", "migrate-bare", "--compression", "multifd-zstd", "--out", str(out),
-                      "--downtime-limit-ms", "5000", timeout=300)
+                      "--downtime-limit-ms", "5000", "--auto-converge", timeout=300)
         doc = json.loads((out / "results.json").read_text())
         assert doc["host"]["accel"] in ("tcg", "kvm") and doc["host"]["qemu"]["version"]
         (sc,) = doc["scenarios"]
@@ -87,6 +88,9 @@ def test_run_writes_results_json_and_exit_0(tmp_path: Path):
     assert sc["verdict"] == "pass", sc["reason"]
     assert {"boot_src", "migrate", "verify", "total"} <= set(sc["durations"])
     assert sc["params"]["migration_settings"]["src"]["parameters"]["downtime-limit"] == 5000
+    for side in ("src", "dst"):
+        assert sc["params"]["migration_settings"][side]["capabilities"]["auto-converge"] is True
+    assert sc["params"]["migration"]["auto_converge"] is True
     assert all({"name", "ok", "detail"} == set(c) for c in sc["checks"])
     assert "migrate-bare/multifd-zstd" in cp.stdout and "PASS" in cp.stdout
     assert (out / "junit.xml").read_text().count("<testcase") == 1

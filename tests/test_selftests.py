@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -300,10 +299,8 @@ def test_host_without_kvm_gives_skips_with_the_probes_reason(fake_build: Selftes
 def test_host_runner_maps_each_ending_and_kills_a_hang(fake_build: SelftestBuild, tmp_path: Path):
     facts = host("amd-kvm")  # recorded facts of a KVM host: the fakes need no KVM to run
     seen = []
-    t0 = time.monotonic()
     results = st.run_on_host(_plan(fake_build, ("sleeper", "passer", "skipper", "failer"), 1.5,
                                    "host"), facts, tmp_path, done=seen.append)
-    assert time.monotonic() - t0 < 15
     by = {r.params["test"]: r for r in results}
     assert [r.id for r in seen] == [r.id for r in results]
     hang = by["sleeper"]
@@ -389,9 +386,7 @@ def test_selftest_on_host_here_writes_every_view(fake_build: SelftestBuild, tmp_
 def test_timeout_in_l1_kills_the_test_and_l1_runs_on(ctx: RunContext, cache: Path,
                                                      fake_build: SelftestBuild):
     plan = st.SelftestPlan(fake_build, ("sleeper", "passer", "skipper", "failer", "broken_test"), 3.0)
-    t0 = time.monotonic()
     results = st.run_in_l1(plan, ctx)
-    took = time.monotonic() - t0
     by = {r.params["test"]: r for r in results}
     hang = by["sleeper"]
     assert (hang.verdict, hang.reason) == ("fail", "timeout after 3 s"), hang.reason
@@ -405,7 +400,8 @@ def test_timeout_in_l1_kills_the_test_and_l1_runs_on(ctx: RunContext, cache: Pat
     assert by["broken_test"].verdict == "error"
     assert Path(by["passer"].artifacts["output"]).read_text() == "ok 1 passer\n"
     assert (ctx.out / "l1" / "l1-console.log").exists()
-    assert took < 60
+    # No bound on the whole run's wall time (a shared machine makes it noise): the hang's
+    # own seconds above show the in-guest deadline, not the run's end, stopped it.
 
 
 @pytest.mark.qemu
@@ -450,10 +446,9 @@ def test_named_set_from_debian_tree_in_l1(debian_build: SelftestBuild, facts: Ho
                                           tmp_path: Path):
     assert debian_build.get("dirty_log_test").error, "dirty_log_test built: the tree changed?"
     out = tmp_path / "out"
-    t0 = time.monotonic()
+    # The subprocess bound is the only time limit: each test's own is judged below.
     cp = nestvirt("selftest", "--filter", ",".join(NAMED), "--timeout", "8", "--out", str(out),
                   timeout=300)
-    took = time.monotonic() - t0
     doc = json.loads((out / "results.json").read_text())
     by = {s["params"]["test"]: s for s in doc["scenarios"]}
     assert set(by) == set(NAMED), cp.stderr
@@ -477,4 +472,3 @@ def test_named_set_from_debian_tree_in_l1(debian_build: SelftestBuild, facts: Ho
     tap_lines = (out / "results.tap").read_text().splitlines()
     assert tap_lines[:2] == ["TAP version 13", f"1..{len(NAMED)}"]
     assert ET.parse(out / "junit.xml").getroot().get("tests") == str(len(NAMED))
-    assert took < 120, f"named set took {took:.0f}s"

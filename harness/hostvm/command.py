@@ -172,15 +172,23 @@ def run_matrix_hostvm_part(args: argparse.Namespace, raw: list[str], prepared, o
               f"{prepared.spec.qemu_version} TCG -cpu {prepared.spec.cpu}, "
               f"{prepared.spec.mem_mib} MiB, {prepared.spec.smp} vCPUs", file=sys.stderr)
 
-    def show(ev: dict[str, str]) -> None:
-        if not args.json and ev["event"] in ("ready", "job-done", "fatal"):
-            print(f"nestvirt: host VM {ev['event']} at {ev['t']}s", file=sys.stderr)
-
     part_out = out / HOSTVM_PART_DIR
     part_out.mkdir(parents=True, exist_ok=True)
     return run_in_hostvm(prepared, inner, part_out, deadline_s=bound,
-                         job_files={"matrix.yaml": matrix_text}, on_event=show,
+                         job_files={"matrix.yaml": matrix_text},
+                         on_event=None if args.json else show_event,
                          cache=not getattr(args, "hostvm_no_cache", False))
+
+
+def show_event(ev: dict[str, str]) -> None:
+    """The host VM's milestones and its cache disk, one line each on stderr."""
+    if ev["event"] in ("ready", "job-done", "fatal"):
+        print(f"nestvirt: host VM {ev['event']} at {ev['t']}s", file=sys.stderr)
+    elif ev["event"] == "cache":
+        print("nestvirt: host VM cache disk: "
+              + (f"{ev.get('images')} saved L1 images, {ev.get('free_mib')} MiB free"
+                 if ev.get("mounted") == "1" else f"not mounted ({ev.get('error')})"),
+              file=sys.stderr)
 
 
 def after_command(raw: list[str], command: str) -> list[str]:
@@ -209,17 +217,9 @@ def cmd_in_hostvm(args: argparse.Namespace, command: str, inner: list[str], *,
               f"{p.spec.mem_mib} MiB, {p.spec.smp} vCPUs; inside: {command} --accel kvm "
               f"{' '.join(inner)}", file=sys.stderr)
 
-    def show(ev: dict[str, str]) -> None:
-        if not args.json and ev["event"] in ("ready", "job-done", "fatal"):
-            print(f"nestvirt: host VM {ev['event']} at {ev['t']}s", file=sys.stderr)
-        elif not args.json and ev["event"] == "cache":
-            print("nestvirt: host VM cache disk: "
-                  + (f"{ev.get('images')} saved L1 images, {ev.get('free_mib')} MiB free"
-                     if ev.get("mounted") == "1" else f"not mounted ({ev.get('error')})"),
-                  file=sys.stderr)
-
     _, results, _ = run_in_hostvm(p, inner, out, command=command, deadline_s=deadline_s,
-                                  job_files=job_files, on_event=show,
+                                  job_files=job_files,
+                                  on_event=None if args.json else show_event,
                                   cache=not getattr(args, "hostvm_no_cache", False))
     (out / "junit.xml").write_text(junit_xml(results))
     link_latest(out)

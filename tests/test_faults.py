@@ -87,3 +87,24 @@ def test_an_unknown_fault_is_a_usage_error():
 def test_a_shell_fault_at_a_point_without_shell_is_an_engine_bug():
     with pytest.raises(AssertionError, match="needs a shell"):
         FAULTS["corrupt-l1"].actions["in-guest"](At(None, None))
+
+
+def test_a_stop_since_the_watch_began_is_a_death_and_a_resume_undoes_it():
+    from types import SimpleNamespace
+
+    from harness.vm.machine import Machine
+
+    vm = SimpleNamespace(events_seen=[{"event": "STOP"}], _drain_events=lambda: None,
+                         _not_running=lambda: None)
+
+    def stopped() -> str | None:
+        return Machine._stopped_since(vm, 1)  # type: ignore[arg-type]
+
+    # A stop before the watch began (an incoming VM before its migration) is not this wait's.
+    assert stopped() is None
+    vm.events_seen += [{"event": "RESUME"}, {"event": "STOP"}]
+    assert stopped() == "its vCPUs were stopped (QMP STOP event)"
+    vm._not_running = lambda: "its vCPUs are not running (QEMU run state internal-error)"
+    assert "internal-error" in stopped()
+    vm.events_seen.append({"event": "RESUME"})
+    assert stopped() is None

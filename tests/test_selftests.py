@@ -201,6 +201,22 @@ def fake_build(cache: Path) -> SelftestBuild:
     return build_tree(FAKE_TREE, "tree:fake")
 
 
+# The cache this session runs with (read before any test sets its own).
+SESSION_CACHE = os.environ.get("NESTVIRT_CACHE")
+
+
+@pytest.fixture
+def fake_in_l1(fake_build: SelftestBuild, monkeypatch: pytest.MonkeyPatch) -> SelftestBuild:
+    """The fake tree, built in a cache of its own, for a run in an L1 started from the saved
+    images every run on this machine shares: these tests are of the runner, and an image of
+    their own would cost each a 20 s build (the selection no longer changes the image)."""
+    if SESSION_CACHE is None:
+        monkeypatch.delenv("NESTVIRT_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("NESTVIRT_CACHE", SESSION_CACHE)
+    return fake_build
+
+
 def test_a_test_that_does_not_compile_does_not_stop_the_others(fake_build: SelftestBuild):
     b = fake_build
     assert b.names() == ["sleeper", "passer", "skipper", "broken_test", "failer", "wedger", "panicker"]
@@ -252,31 +268,32 @@ def test_prebuilt_lists_static_binaries_and_refuses_dynamic_ones(fake_build: Sel
     assert "dynamically linked" in by["dynamic_true"].error
 
 
-def test_overlay_is_the_base_archive_then_one_more(tmp_path: Path, cache: Path):
-    from harness.guest.image import GuestTools, L1Image, with_overlay
-    from harness.guest.kernel import Kernel
+def test_payload_holds_the_runner_and_each_test_stripped(fake_build: SelftestBuild, tmp_path: Path):
+    tests = [t for t in fake_build.tests if t.name in ("passer", "failer")]
+    payload = st.selftest_payload(tests, tmp_path)
+    listing = subprocess.run(["cpio", "-itv", "--quiet"], input=payload.read_bytes(),
+                             capture_output=True, timeout=30).stdout.decode().splitlines()
+    files = {ln.split()[-1]: ln.split()[0] for ln in listing}
+    kvm = st.GUEST_DIR.lstrip("/") + "/kvm"
+    assert {f"{kvm}/passer", f"{kvm}/failer", st.GUEST_RUNNER.lstrip("/")} <= set(files)
+    assert all(files[f].startswith("-rwxr-xr-x") for f in (f"{kvm}/passer", st.GUEST_RUNNER.lstrip("/")))
+    assert not (tmp_path / "stage").exists()
+    # Stripped: smaller than what the build left (the build keeps debug info).
+    by = {t.name: t for t in tests}
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["cpio", "-id", "--quiet"], input=payload.read_bytes(), cwd=out, timeout=30, check=True)
+    assert (out / kvm / "passer").stat().st_size < by["passer"].binary.stat().st_size
 
-    base = tmp_path / "base.cpio"
-    base.write_bytes(b"070701" + b"0" * 506)  # stands in for the cached base: bytes kept as is
-    image = L1Image(Kernel(tmp_path, tmp_path, "r", "test"), base, "basekey", GuestTools(tmp_path, "t"), ())
-    calls = []
 
-    def populate(stage: Path) -> None:
-        calls.append(stage)
-        (stage / "usr/lib/kselftest").mkdir(parents=True)
-        (stage / "usr/lib/kselftest/run-one").write_text("#!/bin/sh\n")
-
-    combined = with_overlay(image, "k1", populate)
-    data = combined.initramfs.read_bytes()
-    assert combined.key == "basekey+k1" and data.startswith(base.read_bytes())
-    listing = subprocess.run(["cpio", "-it", "--quiet"], input=data[len(base.read_bytes()):],
-                             capture_output=True, timeout=30).stdout.decode().split()
-    assert listing == ["usr", "usr/lib", "usr/lib/kselftest", "usr/lib/kselftest/run-one"]
-    assert with_overlay(image, "k1", populate).initramfs == combined.initramfs and len(calls) == 1
-    own = tmp_path / "own"
-    own.mkdir()
-    assert with_overlay(image, "k1", populate, own).initramfs.parent == own and len(calls) == 2
-    assert sorted(p.name for p in own.iterdir()) == ["initramfs-basekey+k1.cpio"]
+def test_l1_memory_stays_what_was_asked_for_small_selections():
+    mib = 1 << 20
+    # Up to an eighth: the memory asked for, so every such selection restores one image.
+    assert st.l1_mem_mib(2048, 0) == 2048
+    assert st.l1_mem_mib(2048, 256 * mib) == 2048
+    # Beyond: 512 MiB steps that hold the tests.
+    assert st.l1_mem_mib(2048, 256 * mib + 1) == 2048 + 512
+    assert st.l1_mem_mib(2048, 700 * mib) == 2048 + 1024
 
 
 # -- running on the host: the local executor and the no-KVM skip ----------------------------
@@ -383,9 +400,9 @@ def test_selftest_on_host_here_writes_every_view(fake_build: SelftestBuild, tmp_
 # -- real runs in L1 (QEMU; TCG here) --------------------------------------------------------
 
 @pytest.mark.qemu
-def test_timeout_in_l1_kills_the_test_and_l1_runs_on(ctx: RunContext, cache: Path,
-                                                     fake_build: SelftestBuild):
-    plan = st.SelftestPlan(fake_build, ("sleeper", "passer", "skipper", "failer", "broken_test"), 3.0)
+def test_timeout_in_l1_kills_the_test_and_l1_runs_on(ctx: RunContext,
+                                                     fake_in_l1: SelftestBuild):
+    plan = st.SelftestPlan(fake_in_l1, ("sleeper", "passer", "skipper", "failer", "broken_test"), 3.0)
     results = st.run_in_l1(plan, ctx)
     by = {r.params["test"]: r for r in results}
     hang = by["sleeper"]
@@ -405,25 +422,29 @@ def test_timeout_in_l1_kills_the_test_and_l1_runs_on(ctx: RunContext, cache: Pat
 
 
 @pytest.mark.qemu
-def test_an_l1_that_stops_answering_is_a_timeout_and_is_replaced(ctx: RunContext, cache: Path,
-                                                                  fake_build: SelftestBuild):
-    plan = st.SelftestPlan(fake_build, ("wedger", "passer"), 3.0)
+def test_an_l1_that_stops_answering_is_a_timeout_and_is_replaced(ctx: RunContext,
+                                                                 fake_in_l1: SelftestBuild):
+    plan = st.SelftestPlan(fake_in_l1, ("wedger", "passer"), 3.0)
     wedged, after = st.run_in_l1(plan, ctx)
     assert (wedged.verdict, wedged.reason) == ("fail", "timeout after 3 s"), wedged.reason
     assert wedged.metrics["l1_unresponsive"] and wedged.metrics["exit_code"] is None
     assert wedged.metrics["l1_boot"] == 1
     assert (Path(wedged.artifacts["dir"]) / "l1-registers.txt").read_text().strip()
     assert "L1 stopped answering" in Path(wedged.artifacts["dmesg"]).read_text()
-    # A fresh L1 ran the next test.
+    # A fresh L1 ran the next test: the tests copied into it again, from the same image.
     assert after.verdict == "pass" and after.metrics["l1_boot"] == 2
     assert (ctx.out / "l1" / "l1-boot2-console.log").exists()
+    first, second = wedged.metrics["l1_start"], after.metrics["l1_start"]
+    assert first["tests"]["bytes"] == second["tests"]["bytes"] > 0
+    if first["start"] == "snapshot":
+        assert second["image"] == first["image"] and not second["built"]
 
 
 @pytest.mark.qemu
-def test_a_kernel_that_panics_during_a_test_fails_it_with_the_panic(ctx: RunContext, cache: Path,
-                                                                    fake_build: SelftestBuild):
+def test_a_kernel_that_panics_during_a_test_fails_it_with_the_panic(ctx: RunContext,
+                                                                    fake_in_l1: SelftestBuild):
     # A panic ends L1's QEMU with status 0 and no stderr (-no-reboot): the console is the witness.
-    plan = st.SelftestPlan(fake_build, ("panicker", "passer"), 10.0)
+    plan = st.SelftestPlan(fake_in_l1, ("panicker", "passer"), 10.0)
     crashed, after = st.run_in_l1(plan, ctx)
     assert crashed.verdict == "fail", crashed.reason
     assert crashed.reason.startswith("L1 died during the test: status 0, no stderr")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import lzma
 import os
 import re
 import shutil
 import stat
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -227,39 +226,12 @@ def _copy_with_libs(binary: Path, stage: Path) -> None:
         shutil.copy2(lib.resolve(), target)
 
 
-def with_overlay(image: L1Image, key: str, populate: Callable[[Path], None],
-                 directory: Path | None = None, timeout: float = 120) -> L1Image:
-    """``image`` whose initramfs also holds the files ``populate(stage)`` writes under stage
-    (an extra newc archive appended: the kernel unpacks concatenated archives in order).
-
-    ``key`` names the overlay's content. The combined file goes to ``directory`` (the caller
-    owns and removes it), else into the cache as the base's key + key, where populate runs
-    only when that file is not there yet.
-    """
-    combined = f"{image.key}+{key}"
-    out = (directory or cache_root()) / f"initramfs-{combined}.cpio"
-    # Only the shared cache needs a lock: a caller's own directory has one writer.
-    with locked(f"overlay-{combined}") if directory is None else contextlib.nullcontext():
-        if not out.exists():
-            stage = out.parent / f"stage-{combined}"
-            shutil.rmtree(stage, ignore_errors=True)
-            stage.mkdir()
-            try:
-                populate(stage)
-                overlay = out.with_suffix(".overlay.tmp")
-                files = "\n".join(str(p.relative_to(stage)) for p in sorted(stage.rglob("*"))) + "\n"
-                proc.run(["cpio", "-o", "-H", "newc", "--quiet"], timeout, cwd=stage, input=files,
-                         stdout_path=overlay)
-                tmp = out.with_suffix(".tmp")
-                with open(tmp, "wb") as dst:
-                    for part in (image.initramfs, overlay):
-                        with open(part, "rb") as src:
-                            shutil.copyfileobj(src, dst, 1 << 20)
-                overlay.unlink()
-                tmp.rename(out)
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
-    return replace(image, initramfs=out, key=combined)
+def pack_tree(stage: Path, out: Path, timeout: float) -> None:
+    """Every file under ``stage`` as one newc cpio at ``out``, paths relative to stage: an
+    overlay to append to an initramfs, or files to unpack at / in a running L1."""
+    files = "\n".join(str(p.relative_to(stage)) for p in sorted(stage.rglob("*"))) + "\n"
+    proc.run(["cpio", "-o", "-H", "newc", "--quiet"], timeout, cwd=stage, input=files,
+             stdout_path=out)
 
 
 def pack_initramfs(stage: Path, init_text: str, out: Path, timeout: float) -> None:

@@ -93,6 +93,7 @@ class L1Dead(StepTimeout):
 
 # How often a wait on L1 looks at its QEMU and console.
 POLL_S = 0.05
+SEND_CHUNK = 1 << 15  # paramiko's largest packet: one channel write each
 
 
 @dataclass(frozen=True)
@@ -179,9 +180,11 @@ class L1Shell:
                 time.sleep(0.1)
         raise StepTimeout(f"SSH to L1 on port {self.port} failed for {timeout:g}s ({last})")
 
-    def run(self, command: str, timeout: float = 30.0) -> CommandResult:
-        """Run one shell command in L1; raise StepTimeout if it does not finish in time, and
-        L1Dead (a StepTimeout) as soon as L1 is seen dead while it runs."""
+    def run(self, command: str, timeout: float = 30.0, stdin: bytes | None = None
+            ) -> CommandResult:
+        """Run one shell command in L1 (``stdin``: bytes it reads, then end of file); raise
+        StepTimeout if it does not finish in time, and L1Dead (a StepTimeout) as soon as L1
+        is seen dead while it runs."""
         if self._client is None:
             raise StepTimeout("SSH not connected")
         self._check_alive(f"running {command[:60]!r}")
@@ -190,6 +193,8 @@ class L1Shell:
             chan = self._client.get_transport().open_session(timeout=timeout)
             chan.settimeout(POLL_S)
             chan.exec_command(command)
+            if stdin is not None:
+                self._send(chan, stdin, deadline, command)
             out, err = bytearray(), bytearray()
             while True:
                 got = False
@@ -216,6 +221,19 @@ class L1Shell:
             raise StepTimeout(f"L1 command timed out or dropped after {timeout:g}s: "
                               f"{command[:60]!r} ({type(e).__name__})") from e
         return CommandResult(rc, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    def _send(self, chan: paramiko.Channel, data: bytes, deadline: float, command: str) -> None:
+        """Write ``data`` to the command's stdin and close it, within ``deadline``: a send
+        that waits on a full window returns to ask whether L1 is still alive."""
+        view, sent = memoryview(data), 0
+        while sent < len(view):
+            try:
+                sent += chan.send(view[sent:sent + SEND_CHUNK])
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+                self._check_alive(f"sending to {command[:60]!r}")
+        chan.shutdown_write()
 
     def run_many(self, commands: Mapping[str, str], timeout: float = 30.0
                  ) -> dict[str, CommandResult]:

@@ -32,6 +32,9 @@ from harness.vm.guestmode import TCG_SVM_LOG_ARGS
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 EVENT_RE = re.compile(r"^NESTVIRT-EVENT (\S+)(.*)$")
+# How often a death watch that counts a stopped VM as dead asks QEMU its run state, besides
+# reading QEMU's STOP event (which ends a wait at once): one QMP round trip per period.
+RUNSTATE_POLL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -374,16 +377,29 @@ class Machine:
             return []
         return self.console_log.read_text(errors="replace").splitlines()
 
-    def death_watch(self) -> Callable[[], str | None]:
+    def death_watch(self, stopped_is_dead: bool = False) -> Callable[[], str | None]:
         """A cheap question to ask while waiting on L1: why it is dead (its QEMU exited, or
-        its console printed a panic or oops since this watch began), or None."""
+        its console printed a panic or oops since this watch began), or None.
+
+        ``stopped_is_dead``: also when its vCPUs stopped since the watch began (QEMU's STOP
+        event, read without a round trip; its run state asked every RUNSTATE_POLL_S besides).
+        Only for a VM that must run all along the wait (a destination after its migration):
+        a source stops at switchover."""
         offset = self.console_log.stat().st_size if self.console_log.exists() else 0
         seen: list[str] = []
+        mark, next_ask = len(self.events_seen), time.monotonic() + RUNSTATE_POLL_S
 
         def dead() -> str | None:
-            nonlocal offset
+            nonlocal offset, next_ask
             if not self.alive():
                 return f"its QEMU exited: {self.exit_story()}"
+            if stopped_is_dead:
+                stopped = self._stopped_since(mark)
+                if stopped is None and time.monotonic() >= next_ask:
+                    next_ask = time.monotonic() + RUNSTATE_POLL_S
+                    stopped = self._not_running()
+                if stopped:
+                    return stopped
             try:
                 with open(self.console_log, "rb") as fh:
                     fh.seek(offset)
@@ -396,6 +412,31 @@ class Machine:
             line = death_line(seen)
             return f"its console: {line[:200]}" if line else None
         return dead
+
+    def _stopped_since(self, mark: int) -> str | None:
+        """Why the vCPUs are stopped, if QEMU said STOP after events_seen[mark] and has not
+        said RESUME since (QMP events waiting on the socket are read first), else None."""
+        try:
+            self._drain_events()
+        except (QMPError, OSError, EOFError):
+            return None  # a broken monitor: the QEMU's exit, asked first, tells the story
+        for ev in reversed(self.events_seen[mark:]):
+            if ev.get("event") == "RESUME":
+                return None
+            if ev.get("event") == "STOP":
+                return self._not_running() or "its vCPUs were stopped (QMP STOP event)"
+        return None
+
+    def _not_running(self) -> str | None:
+        """Why this VM's vCPUs cannot run now (QEMU's run state), or None when they run or
+        QEMU cannot say (its death is then told by the other questions)."""
+        try:
+            st = self.qmp("query-status", timeout=5)
+        except QmpCommandError as e:
+            return "its QEMU is stopped (state T)" if "state T" in str(e) else None
+        if isinstance(st, dict) and st.get("running") is False:
+            return f"its vCPUs are not running (QEMU run state {st.get('status')})"
+        return None
 
     def console_tail(self, n: int = 20) -> str:
         if not self.console_log.exists():

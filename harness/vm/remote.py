@@ -105,11 +105,16 @@ class RemoteMachine(Machine):
     def returncode(self) -> int | None:
         return self._rproc.poll() if self._rproc is not None else None
 
-    def death_watch(self) -> Callable[[], str | None]:
+    def death_watch(self, stopped_is_dead: bool = False) -> Callable[[], str | None]:
         # Its console is on the other host: polling it over SSH every 50 ms would be load.
-        # Its QEMU ends with its SSH session, which is seen here at once.
+        # Its QEMU ends with its SSH session, which is seen here at once; a stop, by QEMU's
+        # STOP event on the QMP stream (no round trip: its run state is not polled here).
+        mark = len(self.events_seen)
+
         def dead() -> str | None:
-            return None if self.alive() else f"its QEMU exited: {self.exit_story()}"
+            if not self.alive():
+                return f"its QEMU exited: {self.exit_story()}"
+            return self._stopped_since(mark) if stopped_is_dead else None
         return dead
 
     def thread_names(self) -> list[str]:

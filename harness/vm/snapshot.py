@@ -86,9 +86,8 @@ class SnapshotImage:
 
 
 def _named_by_content(path: str | Path) -> str:
-    """An initramfs is named by its content key (guest/image.py: build_l1, with_overlay): its
-    name and size say what it is wherever it lies (a selftest run puts its own in its run
-    directory, which a path would make a new image every run)."""
+    """An initramfs is named by its content key (guest/image.py: build_l1): its name and
+    size say what it is wherever it lies (a path would make a copy elsewhere a new image)."""
     p = Path(path)
     try:
         return f"{p.name}:{p.stat().st_size}"

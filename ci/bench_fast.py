@@ -13,7 +13,8 @@
    boots), so each tree runs only the test ids both trees collect (`make setup`, ruff, then
    pytest -n 2 on those ids), each its own version of them.
 
-    python ci/bench_fast.py [--pairs 5] [--smoke-rounds 1] [--make-test-rounds 0 [--common]]
+    python ci/bench_fast.py [--pairs 5] [--smoke-rounds 1]
+                            [--make-test-rounds 0 [--common [--exclude ID]...]]
                             [--baseline /work/wt/main-baseline] [--skip boot,migrate,smoke]
                             [--json OUT]
 
@@ -140,7 +141,11 @@ def _timed(argv: list[str], cwd: Path, limit: float, env: dict | None = None) ->
     cp = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=limit,
                         env={**os.environ, **(env or {})})
     return {"seconds": round(time.monotonic() - t0, 3), "rc": cp.returncode,
-            "tail": (cp.stdout + cp.stderr).strip().splitlines()[-3:]}
+            "tail": (cp.stdout + cp.stderr).strip().splitlines()[-3:],
+            # A run that failed is out of the median; its ids say whether it is a flake of
+            # that tree's own (then --exclude them from both trees, like for like).
+            "failed": [ln.split()[1] for ln in cp.stdout.splitlines()
+                       if ln.startswith(("FAILED ", "ERROR ")) and len(ln.split()) > 1]}
 
 
 def collected(tree: Path) -> list[str]:
@@ -165,18 +170,20 @@ def _make_test(tree: Path, ids: list[str] | None) -> dict:
     return rec
 
 
-def bench_tree(baseline: Path, rounds: int, what: str, common: bool = False) -> dict:
+def bench_tree(baseline: Path, rounds: int, what: str, common: bool = False,
+               exclude: tuple[str, ...] = ()) -> dict:
     """`nestvirt run` (smoke) or `make test` on this tree and on the baseline, alternated
-    (``common``: make test on the ids both trees collect)."""
+    (``common``: make test on the ids both trees collect, less ``exclude``)."""
     trees = {"this": REPO, "main": baseline}
     runs: dict[str, list[dict]] = {"this": [], "main": []}
     ids: list[str] | None = None
     extra: dict = {}
     if common:
         this, main_ids = collected(REPO), collected(baseline)
-        ours = set(this)
+        ours = set(this) - set(exclude)
         ids = [i for i in main_ids if i in ours]
-        extra = {"ids_common": len(ids), "ids_this": len(this), "ids_main": len(main_ids)}
+        extra = {"ids_common": len(ids), "ids_this": len(this), "ids_main": len(main_ids),
+                 "excluded": [i for i in exclude if i in set(this) & set(main_ids)]}
     for i in range(rounds):
         for side in (("main", "this") if i % 2 == 0 else ("this", "main")):
             tree = trees[side]
@@ -207,6 +214,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         return _main()
+    except KeyboardInterrupt:
+        print("bench_fast: interrupted: no figures written", file=sys.stderr)
+        return 130
     finally:
         proc.reap_all()
 
@@ -219,6 +229,8 @@ def _main() -> int:
                     help="also time `make test` on both trees, N alternated rounds (long)")
     ap.add_argument("--common", action="store_true",
                     help="make test on the test ids both trees collect (like for like)")
+    ap.add_argument("--exclude", action="append", default=[], metavar="ID",
+                    help="with --common: leave this test id out on both trees (repeatable)")
     ap.add_argument("--baseline", type=Path, default=Path("/work/wt/main-baseline"))
     ap.add_argument("--skip", default="", help="comma list of boot, migrate, smoke")
     ap.add_argument("--json", type=Path)
@@ -246,7 +258,8 @@ def _main() -> int:
     if "smoke" not in skip and a.smoke_rounds:
         doc["smoke"] = bench_tree(a.baseline, a.smoke_rounds, "smoke")
     if a.make_test_rounds:
-        doc["make_test"] = bench_tree(a.baseline, a.make_test_rounds, "make-test", a.common)
+        doc["make_test"] = bench_tree(a.baseline, a.make_test_rounds, "make-test", a.common,
+                                      tuple(a.exclude))
     summary = {k: {x: v[x] for x in v if x != "runs"} for k, v in doc.items()
                if isinstance(v, dict)}
     print(json.dumps({**{k: v for k, v in doc.items() if not isinstance(v, dict)}, **summary},

@@ -108,3 +108,26 @@ def test_a_stop_since_the_watch_began_is_a_death_and_a_resume_undoes_it():
     assert "internal-error" in stopped()
     vm.events_seen.append({"event": "RESUME"})
     assert stopped() is None
+
+
+def test_only_a_reset_or_a_close_before_the_banner_counts_as_refused():
+    import paramiko
+
+    from harness.guest.l1 import was_refused
+
+    def banner_error(cause: BaseException) -> paramiko.SSHException:
+        try:
+            try:
+                raise cause
+            except BaseException as e:
+                # As paramiko wraps what it read: implicitly chained (its __context__).
+                raise paramiko.SSHException("Error reading SSH protocol banner" + str(e))  # noqa: B904
+        except paramiko.SSHException as wrapped:
+            return wrapped
+
+    assert was_refused(banner_error(ConnectionResetError(104, "Connection reset by peer")))
+    assert was_refused(banner_error(EOFError()))
+    # An L1 that does not answer (a timeout) or a key it refuses is not "nothing listens".
+    assert not was_refused(banner_error(TimeoutError("timed out")))
+    assert not was_refused(paramiko.AuthenticationException("Authentication failed."))
+    assert not was_refused(ConnectionRefusedError(111, "refused"))  # QEMU's own port is gone

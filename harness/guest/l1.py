@@ -122,6 +122,21 @@ def _split_many(text: str) -> dict[int, CommandResult]:
     return parts
 
 
+def was_refused(e: BaseException) -> bool:
+    """Whether a failed SSH connect was refused: the connection reset or closed before
+    dropbear's banner (paramiko wraps either in its banner error). Through QEMU's user
+    network that is L1's own answer that nothing listens (slirp passes L1's reset on as a
+    reset or a close), where an L1 that does not answer leaves the try to time out."""
+    seen: BaseException | None = e
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, (ConnectionResetError, EOFError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class L1Shell:
     """An SSH session to one L1; every call is bounded by a timeout.
 
@@ -150,10 +165,16 @@ class L1Shell:
         if why:
             raise L1Dead(f"L1 died while {doing}: {why}")
 
-    def connect(self, timeout: float = 30.0) -> float:
-        """Retry until dropbear answers; return seconds taken. L1Dead once L1 is seen dead."""
+    def connect(self, timeout: float = 30.0, refused_is_final_s: float | None = None) -> float:
+        """Retry until dropbear answers; return seconds taken. L1Dead once L1 is seen dead.
+
+        ``refused_is_final_s``: for an L1 whose dropbear was already serving (a destination
+        after its migration): when every try for that long is refused (L1's TCP stack
+        answers, nothing listens on the port), that is the verdict, not a wait to the end.
+        A booting L1 refuses too before dropbear listens, so it is never the default."""
         t0 = time.monotonic()
         last = "no attempt"
+        refused_since: float | None = None
         while time.monotonic() - t0 < timeout:
             self._check_alive(f"SSH was connecting to port {self.port}")
             client = paramiko.SSHClient()
@@ -177,6 +198,16 @@ class L1Shell:
             except (paramiko.SSHException, OSError, EOFError, NestvirtError) as e:
                 last = f"{type(e).__name__}: {e}"
                 client.close()
+                if not was_refused(e):
+                    refused_since = None
+                elif refused_since is None:
+                    refused_since = time.monotonic()
+                elif refused_is_final_s is not None and \
+                        time.monotonic() - refused_since >= refused_is_final_s:
+                    raise StepTimeout(
+                        f"SSH to L1 on port {self.port} was refused on every try for "
+                        f"{time.monotonic() - refused_since:.1f}s: L1 answers, nothing listens "
+                        f"on its SSH port ({last})") from e
                 time.sleep(0.1)
         raise StepTimeout(f"SSH to L1 on port {self.port} failed for {timeout:g}s ({last})")
 

@@ -238,11 +238,14 @@ class _ScenarioRun:
             cfg = faults.shape_destination(self.spec.inject, cfg)
         return self._destination().launch(cfg, creds=self.tls)
 
-    def _shell(self, m: Machine, timeout: float = 30.0, stopped_is_dead: bool = False) -> L1Shell:
+    def _shell(self, m: Machine, timeout: float = 30.0, migrated: bool = False) -> L1Shell:
+        """An SSH session into ``m``'s L1. ``migrated``: a destination after its migration,
+        whose L1 was running and serving SSH all along: a stop of its vCPUs, or refusals on
+        every try for REFUSED_FINAL_S, end the wait as a verdict instead of at its timeout."""
         sh = L1Shell(m.ssh_port, self.key, opener=m.l1_ssh_opener(), host_key=self.host_key,
-                     death=m.death_watch(stopped_is_dead))
+                     death=m.death_watch(stopped_is_dead=migrated))
         self.shells.append(sh)
-        sh.connect(timeout)
+        sh.connect(timeout, refused_is_final_s=REFUSED_FINAL_S if migrated else None)
         return sh
 
     # -- steps ----------------------------------------------------------------------------
@@ -513,9 +516,7 @@ class _ScenarioRun:
         assert self.dst is not None
         add = self.res.checks.append
         try:
-            # A destination that stopped after its migration cannot answer: its run state
-            # ends each wait at once instead of at the wait's timeout.
-            sh = self._shell(self.dst, timeout=20, stopped_is_dead=True)
+            sh = self._shell(self.dst, timeout=20, migrated=True)
             add(ck.l1_ssh_on_dst(True, f"SSH answered on port {self.dst.ssh_port}"))
         except StepTimeout as e:
             add(ck.l1_ssh_on_dst(False, f"{e}; {self._stuck_vcpu()}"))
@@ -735,6 +736,9 @@ STATUS_SH = ("cat /run/l1work.status 2>/dev/null; echo; echo ---; "
 VERIFY_SH = "{prog} verify --pidfile {base}.pid --result {base}.verify --timeout 15"
 L2_DEADLINE_S = 5
 START_S = 30  # each guest program's bound to show it is working, inside L1
+# A migrated L1 whose SSH port refuses every try for this long has no dropbear: it served the
+# source until the migration, so no boot is under way (measured: a refusal takes milliseconds).
+REFUSED_FINAL_S = 3.0
 
 
 def deadline_sh(seconds: float) -> str:

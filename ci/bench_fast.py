@@ -165,7 +165,7 @@ def _make_test(tree: Path, ids: list[str] | None) -> dict:
         if cp.returncode:
             return {"seconds": round(time.monotonic() - t0, 3), "rc": cp.returncode,
                     "tail": (cp.stdout + cp.stderr).strip().splitlines()[-3:]}
-    rec = _timed([str(tree / ".venv/bin/pytest"), "-n", "2", "-q", "-rs", *ids], tree, 7200)
+    rec = _timed([str(tree / ".venv/bin/pytest"), "-n", "2", "-q", "-rfEs", *ids], tree, 7200)
     rec["seconds"] = round(time.monotonic() - t0, 3)
     return rec
 

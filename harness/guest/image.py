@@ -227,8 +227,9 @@ def _copy_with_libs(binary: Path, stage: Path) -> None:
 
 
 def pack_tree(stage: Path, out: Path, timeout: float) -> None:
-    """Every file under ``stage`` as one newc cpio at ``out``, paths relative to stage: an
-    overlay to append to an initramfs, or files to unpack at / in a running L1."""
+    """Every file under ``stage`` as one newc cpio at ``out``, paths relative to stage (an
+    initramfs, or files to unpack at / in a running L1). Uncompressed on purpose:
+    decompression in an emulated guest costs more than the bytes."""
     files = "\n".join(str(p.relative_to(stage)) for p in sorted(stage.rglob("*"))) + "\n"
     proc.run(["cpio", "-o", "-H", "newc", "--quiet"], timeout, cwd=stage, input=files,
              stdout_path=out)
@@ -240,9 +241,6 @@ def pack_initramfs(stage: Path, init_text: str, out: Path, timeout: float) -> No
     init = stage / "init"
     init.write_text(init_text)
     init.chmod(init.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    files = "\n".join(str(p.relative_to(stage)) for p in sorted(stage.rglob("*"))) + "\n"
     tmp = out.with_suffix(".tmp")
-    # Uncompressed on purpose: decompression in an emulated guest costs more than the bytes.
-    proc.run(["cpio", "-o", "-H", "newc", "--quiet"], timeout, cwd=stage, input=files,
-             stdout_path=tmp)
+    pack_tree(stage, tmp, timeout)
     tmp.rename(out)

@@ -255,7 +255,6 @@ class _L1:
         started = start_run_l1(self.ctx, name, workdir, key, cpu=self.ctx.l1_cpu(self.plan.profile),
                                mem_mib=self.mem_mib, smp=self.smp)
         self.machine, ready = started.machine, started.ready
-        self.start_record = started.record
         if ready.get("kvm") != "yes":
             raise StepTimeout(f"L1 has no /dev/kvm (module {ready.get('module')}, "
                               f"nested {ready.get('nested')})")
@@ -269,8 +268,7 @@ class _L1:
         data = self.payload.read_bytes()
         t0 = time.monotonic()
         # A second per MiB on top: the copy goes through an emulated L1's network stack.
-        r = self.shell.run(f"cd / && cpio -idu 2>/tmp/cpio.err && test -x {GUEST_RUNNER} "
-                           "|| { cat /tmp/cpio.err >&2; exit 1; }",
+        r = self.shell.run(f"cd / && cpio -idu && test -x {GUEST_RUNNER}",
                            30 + len(data) / (1 << 20), stdin=data)
         if r.rc != 0:
             raise NestvirtError(f"the selftests could not be copied into L1 (exit {r.rc}): "
